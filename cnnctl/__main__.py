@@ -1,0 +1,3 @@
+from cnnctl.clients.cli import main
+
+raise SystemExit(main())
