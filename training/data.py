@@ -1,0 +1,267 @@
+"""Datasets, decoded once into uint8 tensors.
+
+Every dataset ends up as one ``ImageData``: an N×C×H×W uint8 tensor plus int64 labels. The training
+loop moves it to the device once and normalises/augments whole batches there (see loop.py), so no
+per-item Python transform ever runs in the hot loop (airbench's approach; seed 002's
+ToTensor+Normalize per item through a DataLoader is what ``bench/train_speed.py`` compares against).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cnnctl.errors import DataError, ShapeError, UnknownNameError, known
+
+log = logging.getLogger(__name__)
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A split held in memory: uint8 images N×C×H×W, int64 labels N."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    mean: tuple[float, ...]  # per channel, on pixels scaled to [0, 1]
+    std: tuple[float, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def subset(self, index: torch.Tensor) -> "ImageData":
+        return replace(self, images=self.images[index], labels=self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    summary: str
+    shape: tuple[int, int, int] | None  # None: depends on the files (folder datasets)
+    num_classes: int | None
+    needs_download: bool
+
+
+_MNIST_NORM = ((0.1307,), (0.3081,))  # the seeds' Normalize((0.1307,), (0.3081,))
+_FASHION_NORM = ((0.2860,), (0.3530,))
+_CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist-sample": DatasetInfo("mnist-sample", "embedded slice of real MNIST (12,000 train / "
+                                "2,000 test), offline, the default", (1, 28, 28), 10, False),
+    "mnist": DatasetInfo("mnist", "MNIST digits via torchvision (60k/10k)", (1, 28, 28), 10, True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST via torchvision (60k/10k)",
+                                 (1, 28, 28), 10, True),
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10 via torchvision (50k/10k)", (3, 32, 32), 10, True),
+    "folder:PATH": DatasetInfo("folder:PATH", "class-per-subfolder images; PATH/train + PATH/val "
+                               "(or test), or one folder split by --val-fraction", None, None, False),
+}
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cnnctl" / "data"
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def check_dataset_name(name: str) -> None:
+    if name.startswith("folder:"):
+        if not name[len("folder:"):]:
+            raise UnknownNameError("dataset 'folder:' needs a path, e.g. folder:./ants_bees")
+        return
+    if name not in DATASETS:
+        raise UnknownNameError(f"unknown dataset {name!r}; known: {known(DATASETS)}")
+
+
+# --- the embedded sample ---------------------------------------------------------------------
+
+
+def _load_sample(split: str) -> ImageData:
+    with resources.files("cnnctl.training").joinpath("sample/mnist_sample.npz").open("rb") as f:
+        arrays = np.load(f)
+        images = torch.from_numpy(arrays[f"{split}_images"].copy()).unsqueeze(1)
+        labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
+    return ImageData(images, labels, [str(i) for i in range(10)], *_MNIST_NORM, "mnist-sample")
+
+
+# --- torchvision datasets --------------------------------------------------------------------
+
+
+def _torchvision(name: str, split: str, data_dir: Path, download: bool) -> ImageData:
+    from torchvision import datasets
+
+    cls, folder, files, norm = {
+        "mnist": (datasets.MNIST, "MNIST/raw", MNIST_FILES, _MNIST_NORM),
+        "fashion-mnist": (datasets.FashionMNIST, "FashionMNIST/raw", MNIST_FILES, _FASHION_NORM),
+        "cifar10": (datasets.CIFAR10, "cifar-10-batches-py",
+                    tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",), _CIFAR_NORM),
+    }[name]
+    expected = [data_dir / folder / f for f in files]
+    present = all(p.exists() or p.with_suffix(p.suffix + ".gz").exists() for p in expected)
+    try:
+        ds = cls(root=str(data_dir), train=(split == "train"), download=download and not present)
+    except Exception as exc:  # torchvision raises RuntimeError offline, URLError on a failed fetch
+        looked = ", ".join(str(p) for p in expected)
+        how = "download failed" if download and not present else "not found"
+        raise DataError(
+            f"dataset {name} {how} in {data_dir} (looked for {looked}); "
+            f"pass --data-dir DIR with the files in torchvision's layout, or go online to download "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return ImageData(images.contiguous(), labels, list(ds.classes), *norm, name)
+
+
+# --- folder datasets -------------------------------------------------------------------------
+
+
+def _list_images(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class subfolders (expected {root}/CLASS/image.jpg)")
+    items = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((root / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise DataError(f"{root}: no images with suffix {', '.join(IMAGE_SUFFIXES)}")
+    return items, classes
+
+
+def decode_images(
+    paths: list[Path], channels: int, size: tuple[int, int], progress: bool = True
+) -> torch.Tensor:
+    """Decode, convert (L or RGB) and resize each file once into one uint8 N×C×H×W tensor."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    mode = "L" if channels == 1 else "RGB"
+    out = torch.empty((len(paths), channels, *size), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc="decoding", unit="img", disable=not progress,
+                                  leave=False)):
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                if img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot decode image {path}: {exc}") from None
+        out[i] = torch.from_numpy(arr.reshape(size[0], size[1], channels)).permute(2, 0, 1)
+    return out
+
+
+def _folder(path: str, split: str, shape: tuple[int, int, int], val_fraction: float,
+            seed: int) -> ImageData:
+    """``PATH/train`` + ``PATH/val|test`` (seed 004's ants/bees layout), or one folder of class
+    subfolders split reproducibly by ``val_fraction`` (its held-out part serves val and test)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset folder {str(root)!r} does not exist")
+
+    def first(*names: str) -> Path | None:
+        return next((root / n for n in names if (root / n).is_dir()), None)
+
+    val_dir = first("val", "valid", "validation")
+    if (root / "train").is_dir():
+        source = {"train": root / "train", "val": val_dir, "test": first("test") or val_dir}[split]
+        carve = source is None or (split == "train" and val_dir is None)
+        if source is None and split == "test":
+            raise DataError(f"{root}: no test/ or val/ subfolder for the test split")
+        source = source or root / "train"
+    else:
+        source, carve = root, True
+    items, classes = _list_images(source)
+    if carve:
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, int(round(len(items) * val_fraction)))
+        keep = order[n_val:] if split == "train" else order[:n_val]
+        items = [items[i] for i in keep]
+    c, h, w = shape
+    images = decode_images([p for p, _ in items], c, (h, w), progress=len(items) > 500)
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    floats = images.float().div_(255)
+    mean = tuple(floats.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(floats.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return ImageData(images, labels, classes, mean, std, f"folder:{path}")
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+
+def load_split(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    shape: tuple[int, int, int] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> ImageData:
+    """Load ``split`` ("train", "val" or "test") of a dataset as uint8 tensors.
+
+    For built-in datasets "val" is a reproducible slice of the training set (``val_fraction``), so
+    model selection never looks at the test split. ``shape`` (C, H, W) is what folder images are
+    converted and resized to; built-in datasets keep their native shape."""
+    check_dataset_name(name)
+    if split not in ("train", "val", "test"):
+        raise UnknownNameError(f"unknown split {split!r}; known: train, val, test")
+    if not 0.0 < val_fraction < 1.0:
+        raise ShapeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if name.startswith("folder:"):
+        if shape is None:
+            raise ShapeError("a folder dataset needs the model's input shape to decode into")
+        return _folder(name[len("folder:"):], split, shape, val_fraction, seed)
+    loader: Callable[[str], ImageData]
+    if name == "mnist-sample":
+        loader = _load_sample
+    else:
+        root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        loader = lambda s: _torchvision(name, s, root, download)  # noqa: E731
+    if split == "test":
+        return loader("test")
+    full = loader("train")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(full), generator=g)
+    n_val = int(round(len(full) * val_fraction))
+    return full.subset(order[n_val:] if split == "train" else order[:n_val])
+
+
+def check_compatible(model_name: str, model_shape: tuple[int, int, int], data: ImageData) -> None:
+    """A dataset whose channel count differs from the model's is an error before training starts;
+    a different image size is resized per batch (seed 003: resize MNIST to 32×32 for LeNet-5)."""
+    from cnnctl.training.models import format_shape
+
+    if data.shape[0] != model_shape[0]:
+        raise ShapeError(
+            f"model {model_name} expects {format_shape(model_shape)} input; dataset {data.name} "
+            f"gives {format_shape(data.shape)}"
+        )
