@@ -135,7 +135,9 @@ def _torchvision(name: str, split: str, data_dir: Path, download: bool) -> Image
     data = torch.as_tensor(np.asarray(ds.data))
     images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
     labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return ImageData(images.contiguous(), labels, list(ds.classes), *norm, name)
+    # torchvision names MNIST's classes "0 - zero"...; the digit alone is what a user expects back.
+    classes = [str(i) for i in range(10)] if name == "mnist" else list(ds.classes)
+    return ImageData(images.contiguous(), labels, classes, *norm, name)
 
 
 # --- folder datasets -------------------------------------------------------------------------
