@@ -32,6 +32,7 @@ class FileEntry:
     precision: str  # fp32 | fp16 | int8
     sha256: str
     bytes: int
+    exporter: str = ""  # what wrote it, e.g. "torch.onnx(dynamo=True)", "torch.jit.trace"
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)  # the checkpoint it came from
     created: str = ""
     cnnctl_version: str = ""
+    # The optional Triton model repository laid out beside the files (export/triton.py):
+    # {"repository": "triton", "model_name": ..., "max_batch_size": ..., "files": [FileEntry-like]}.
+    triton: dict[str, Any] = field(default_factory=dict)
 
     def file(self, format: str, precision: str | None = None) -> FileEntry | None:
         """The file of this format (and precision, if given); fp32 is preferred when not given."""
@@ -160,6 +164,7 @@ def parse_manifest(data: dict[str, Any], where: str = "manifest") -> Manifest:
             source=dict(data.get("source") or {}),
             created=str(data.get("created", "")),
             cnnctl_version=str(data.get("cnnctl_version", "")),
+            triton=dict(data.get("triton") or {}),
         )
     except TypeError as exc:
         raise ArtifactError(f"{where}: malformed entry ({exc})") from None
@@ -187,13 +192,17 @@ def load_manifest(artifact_dir: str | os.PathLike[str], verify_files: bool = Tru
 
 
 def verify_files_of(artifact_dir: str | os.PathLike[str], manifest: Manifest) -> None:
-    for entry in manifest.files:
-        full = Path(artifact_dir) / entry.path
+    listed = [(e.path, e.sha256) for e in manifest.files]
+    # The Triton repository holds its own copy of the ONNX model (and config.pbtxt): a server
+    # pointed at it must get the same refusal.
+    listed += [(str(e["path"]), str(e["sha256"])) for e in manifest.triton.get("files", [])]
+    for relpath, sha256 in listed:
+        full = Path(artifact_dir) / relpath
         if not full.is_file():
             raise ArtifactError(f"{full}: listed in the manifest but missing")
         digest = sha256_file(full)
-        if digest != entry.sha256:
+        if digest != sha256:
             raise ArtifactError(
                 f"{full}: sha256 {digest[:16]}… does not match the manifest's "
-                f"{entry.sha256[:16]}… (file changed after export); refusing to load it"
+                f"{sha256[:16]}… (file changed after export); refusing to load it"
             )
