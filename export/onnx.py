@@ -120,5 +120,24 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         # what that costs instead.
         warnings.simplefilter("ignore", category=UserWarning)
         half = convert_float_to_float16(model, keep_io_types=True)
+    _topological_sort(half.graph)
     onnx.save(half, str(dst))
     check(dst)
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each comes after its inputs' producers. convert_float_to_float16 appends
+    the input Casts it adds (keep_io_types) after their consumers, which onnx.checker rejects."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ArtifactError("ONNX graph has a cycle or a dangling input; cannot sort it")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
