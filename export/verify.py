@@ -111,7 +111,8 @@ def load_real_images(
         except (DataError, ShapeError) as exc:
             if explicit:
                 raise
-            reason = f"{dataset} unavailable ({str(exc).split(';')[0]})"
+            # the loader's message lists every path it tried: the first clause is enough here
+            reason = f"{dataset} unavailable ({str(exc).split(' (looked')[0].split(';')[0]})"
     else:
         reason = "the checkpoint names no dataset"
     if c == 1:

@@ -1,8 +1,8 @@
 """Checkpoints to export, built once per session.
 
-lenet5 and resnet-mini get a few hundred SGD steps on the embedded mnist-sample (a few seconds), so
-their real-image accuracy means something and int8 calibration has real activations to measure;
-the rest of the zoo is exported untrained (random init), which is all an exporter check needs.
+lenet5 gets 200 SGD steps on the embedded mnist-sample (a few seconds, ~93 % test accuracy), so its
+real-image accuracy means something and int8 calibration has real activations to measure; the rest
+of the zoo is exported untrained (random init), which is all an exporter check needs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from cnnctl.training.checkpoint import make_checkpoint, save_checkpoint
 from cnnctl.training.data import load_split
 from cnnctl.training.models import build_model, get_spec
 
-TRAINED = ("lenet5", "resnet-mini")
 
 
 def make_test_checkpoint(name: str, steps: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def make_test_checkpoint(name: str, steps: int = 0, seed: int = 0) -> dict[str, 
         g = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(steps):
-            idx = torch.randint(0, len(data), (128,), generator=g)
+            idx = torch.randint(0, len(data), (64,), generator=g)
             x = prepare_batch(data.images[idx], mean, std, (h, w))
             loss = torch.nn.functional.cross_entropy(model(x), data.labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -61,6 +60,6 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_checkpoints(checkpoint_dir: Path) -> dict[str, Path]:
-    """lenet5 and resnet-mini, 300 SGD steps on mnist-sample (~97-98 % test accuracy)."""
-    return {name: save_checkpoint(make_test_checkpoint(name, steps=300), checkpoint_dir / f"{name}.pt")
-            for name in TRAINED}
+    """lenet5 after 200 SGD steps on mnist-sample."""
+    return {"lenet5": save_checkpoint(make_test_checkpoint("lenet5", steps=200),
+                                      checkpoint_dir / "lenet5.pt")}
