@@ -1,0 +1,78 @@
+"""``cnnctl serve``: the click command. Heavy imports (grpc, onnxruntime) happen inside it."""
+
+from __future__ import annotations
+
+import click
+
+from cnnctl.errors import UsageError
+from cnnctl.serving.config import DEVICES, BatchingConfig, ServerConfig
+
+_DEFAULT = ServerConfig()
+_BATCH = BatchingConfig()
+
+
+@click.command("serve")
+@click.argument("artifact_dirs", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--repository", type=click.Path(file_okay=False), default=None,
+              help="Serve every artifact directory in DIR (DIR/name/ or DIR/name/version/).")
+@click.option("--host", default=_DEFAULT.host, show_default=True)
+@click.option("--port", type=int, default=_DEFAULT.port, show_default=True,
+              help="0 picks a free port (printed at startup).")
+@click.option("--max-batch-size", type=int, default=_BATCH.max_batch_size, show_default=True,
+              help="Images per merged model execution.")
+@click.option("--max-queue-delay-ms", type=float, default=_BATCH.max_queue_delay_ms,
+              show_default=True, help="How long the oldest request may wait for a fuller batch "
+              "while an instance is idle.")
+@click.option("--max-queue-size", type=int, default=_BATCH.max_queue_size, show_default=True,
+              help="Requests queued per model before RESOURCE_EXHAUSTED.")
+@click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
+              help="Off: every request runs as its own execution.")
+@click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
+              help="Model executions in flight at once per model.")
+@click.option("--intra-op-threads", type=int, default=0,
+              help="ONNX Runtime threads per execution (0: cores / instances).")
+@click.option("--device", type=click.Choice(DEVICES), default=_DEFAULT.device, show_default=True)
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics here.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None)
+@click.option("--workers", type=int, default=_DEFAULT.workers, show_default=True,
+              help="Server processes sharing the port (SO_REUSEPORT).")
+@click.option("--max-message-mb", type=int, default=_DEFAULT.max_message_mb, show_default=True,
+              help="Largest request/response message (MiB); larger ones get RESOURCE_EXHAUSTED.")
+@click.option("--grace-s", type=float, default=_DEFAULT.grace_s, show_default=True,
+              help="On SIGTERM/SIGINT, how long to wait for in-flight and queued requests.")
+def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
+          max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
+          dynamic_batching: bool, instances: int, intra_op_threads: int, device: str,
+          metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
+          max_message_mb: int, grace_s: float) -> None:
+    """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
+    for flag, value, low in (("--max-batch-size", max_batch_size, 1),
+                             ("--max-queue-size", max_queue_size, 1),
+                             ("--instances", instances, 1), ("--workers", workers, 1),
+                             ("--max-message-mb", max_message_mb, 1),
+                             ("--intra-op-threads", intra_op_threads, 0),
+                             ("--port", port, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if max_queue_delay_ms < 0:
+        raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
+    if not artifact_dirs and not repository:
+        raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
+    config = ServerConfig(
+        artifact_dirs=tuple(artifact_dirs), repository=repository, host=host, port=port,
+        batching=BatchingConfig(enabled=dynamic_batching, max_batch_size=max_batch_size,
+                                max_queue_delay_ms=max_queue_delay_ms,
+                                max_queue_size=max_queue_size),
+        instances=instances, device=device, intra_op_threads=intra_op_threads,
+        metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
+        reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s)
+    if workers > 1:
+        from cnnctl.serving.workers import run_workers
+
+        raise SystemExit(run_workers(config))
+    import asyncio
+
+    from cnnctl.serving.server import serve as run
+
+    asyncio.run(run(config))

@@ -1,0 +1,45 @@
+"""Server configuration: one frozen dataclass, defaults in one place (chosen by measurement, see
+docs/serving.md "Choosing the defaults")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    enabled: bool = True
+    # Images per model execution. 64 keeps lenet5's per-image cost at its floor on the CPU (the
+    # ORT call overhead, ~40 µs, is paid once per batch) while one batch of cifar-net-v3 still
+    # computes in ~60 ms; a request larger than this runs as a batch of its own, never split.
+    max_batch_size: int = 64
+    # How long the oldest queued request may wait for company while an instance is idle (ms).
+    # Under load the queue fills while the instances are busy, so batches form without waiting;
+    # this only matters at low load, where it adds at most this much latency.
+    max_queue_delay_ms: float = 1.0
+    max_queue_size: int = 1024  # requests waiting per model; beyond it RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    artifact_dirs: tuple[str, ...] = ()
+    repository: str | None = None  # a directory of artifact directories
+    host: str = "127.0.0.1"  # --host 0.0.0.0 to serve other machines
+    port: int = 8001  # Triton's gRPC port; 0 picks a free one
+    batching: BatchingConfig = BatchingConfig()
+    instances: int = 1  # model executions in flight at once per model
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # ORT threads per execution; 0 = cores / instances
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT)
+    reuse_port: bool = False  # set for --workers; otherwise a second server on the port fails
+    max_message_mb: int = 64  # largest request or response message (MiB)
+    grace_s: float = 30.0  # how long shutdown waits for in-flight and queued requests (s)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024

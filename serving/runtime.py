@@ -1,0 +1,155 @@
+"""ONNX Runtime sessions: CUDA with the fp16 artifact and IO binding when a GPU is usable, else CPU.
+
+The execution provider is chosen once per process. "Usable" means the CUDA driver library loads
+and a CUDA session really initialises: onnxruntime-gpu lists CUDAExecutionProvider on every
+machine, and on one without a GPU a session asking for it logs a screenful of errors before
+falling back; we probe with the driver first and silence the native stderr while trying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.errors import ArtifactError, UsageError
+from cnnctl.export.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send fd 2 to /dev/null: native libraries write there directly, past Python's sys.stderr."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cuda_driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+_cuda_lock = threading.Lock()
+_cuda_usable: bool | None = None
+
+
+def cuda_usable(probe_model: str | Path | None = None) -> bool:
+    """True when ORT's CUDA provider is listed, the driver loads and a session really uses CUDA."""
+    global _cuda_usable
+    with _cuda_lock:
+        if _cuda_usable is not None:
+            return _cuda_usable
+        import onnxruntime as ort
+
+        usable = False
+        if CUDA in ort.get_available_providers() and _cuda_driver_present() and probe_model:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 4
+            try:
+                with _quiet_stderr():
+                    sess = ort.InferenceSession(str(probe_model), opts, providers=[CUDA, CPU])
+                usable = sess.get_providers()[0] == CUDA
+            except Exception:  # noqa: BLE001 - any failure means "not usable"
+                usable = False
+        _cuda_usable = usable
+        return usable
+
+
+def choose_provider(device: str, probe_model: str | Path) -> str:
+    if device == "cpu":
+        return CPU
+    if cuda_usable(probe_model):
+        return CUDA
+    if device == "cuda":
+        raise UsageError("--device cuda: no usable CUDA GPU (onnxruntime's CUDA provider did not "
+                         "initialise); use --device auto or cpu")
+    return CPU
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    provider: str
+    precision: str  # of the model file loaded
+    path: str
+    intra_op_threads: int
+
+
+class OrtModel:
+    """One ORT session for one artifact, run from a pool of ``instances`` threads."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "auto",
+                 instances: int = 1, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        fp32 = manifest.file("onnx", "fp32") or manifest.file("onnx")
+        if fp32 is None:
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX file; re-export with "
+                                f"`cnnctl export --format onnx`")
+        provider = choose_provider(device, artifact_dir / fp32.path)
+        entry = fp32
+        if provider == CUDA:
+            entry = manifest.file("onnx", "fp16") or fp32
+        if entry.precision not in ("fp32", "fp16"):
+            raise ArtifactError(f"{artifact_dir}: cannot serve an {entry.precision} ONNX file")
+        cores = os.cpu_count() or 1
+        threads = intra_op_threads or max(1, cores // max(1, instances))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads would take the cores the gRPC threads need between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        providers = [CUDA, CPU] if provider == CUDA else [CPU]
+        path = artifact_dir / entry.path
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self._dtype = np.float16 if entry.precision == "fp16" else np.float32
+        self._ort = ort
+        self.executor = ThreadPoolExecutor(max_workers=max(1, instances),
+                                           thread_name_prefix=f"ort-{manifest.name}")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Blocking: run one batch (N, C, H, W) float32 and return the float32 output."""
+        x = np.ascontiguousarray(x, dtype=self._dtype)
+        if self.info.provider == CUDA:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, x)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        else:
+            out = self.session.run([self.output_name], {self.input_name: x})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,142 @@
+"""The gRPC server: create_server(config) -> (server, port), and serve() until SIGTERM/SIGINT.
+
+Graceful shutdown, in order: health goes NOT_SERVING and ServerReady false, the gRPC server stops
+accepting RPCs and waits (up to grace_s) for every RPC in flight, which includes every request
+waiting in a batch queue (the batchers keep running meanwhile), then the batchers are drained and
+the ORT thread pools closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cnnctl.errors import UsageError
+from cnnctl.protos import grpc_service_pb2 as pb
+from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+from cnnctl.serving.config import ServerConfig
+from cnnctl.serving.metrics import ServerMetrics
+from cnnctl.serving.repository import ModelRepository
+from cnnctl.serving.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass
+class InferenceServer:
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    repository: ModelRepository
+    servicer: InferenceServicer
+    health: health.aio.HealthServicer
+    metrics: ServerMetrics
+    port: int
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self.repository.start()
+        await self.grpc_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for name in self.repository.names():
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, answer everything in flight and queued, release the models."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        self.servicer.close()
+        await self.repository.drain()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert and not config.tls_key:
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together; give both or neither")
+    try:
+        key = Path(config.tls_key).read_bytes()
+        cert = Path(config.tls_cert).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+async def create_server(config: ServerConfig,
+                        metrics: ServerMetrics | None = None) -> tuple[InferenceServer, int]:
+    """Load the models and bind the port; the caller starts it (``await server.start()``)."""
+    metrics = metrics or ServerMetrics()
+    repository = ModelRepository.load(config, metrics)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Only --workers shares the port; otherwise a second server on a busy port must fail.
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+    ]
+    server = grpc.aio.server(options=options)
+    servicer = InferenceServicer(repository, config)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    credentials = _credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise UsageError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
+    return InferenceServer(config, server, repository, servicer, health_servicer, metrics,
+                           port), port
+
+
+async def serve(config: ServerConfig, announce: bool = True) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server, port = await create_server(config)
+    metrics_server = None
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(config.metrics_port, addr=config.host,
+                                              registry=server.metrics.read_registry())
+    await server.start()
+    if announce:
+        scheme = "grpcs" if config.tls_cert else "grpc"
+        for m in server.repository:
+            info = m.runtime.info
+            print(f"serving model {m.name} version {m.version} on {info.provider} "
+                  f"({info.precision}, {info.intra_op_threads} intra-op threads)", flush=True)
+        extra = (f"; metrics on http://{config.host}:{metrics_server.server_port}/metrics"
+                 if metrics_server else "")
+        print(f"listening on {scheme}://{config.host}:{port}{extra}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("signal received: draining (grace %.0f s)", config.grace_s)
+    await server.stop()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    log.info("stopped")

@@ -1,0 +1,209 @@
+"""The KServe v2 RPCs (Triton's GRPCInferenceService) over the model repository."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from cnnctl import __version__
+from cnnctl.errors import CnnctlError, UnavailableError
+from cnnctl.protos import grpc_service_pb2 as pb
+from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+from cnnctl.protos import model_config_pb2 as mc
+from cnnctl.serving.codec import decode_request, encode_response
+from cnnctl.serving.config import ServerConfig
+from cnnctl.serving.errors import code_for, status_for
+from cnnctl.serving.preprocess import decode_images
+from cnnctl.serving.repository import LoadedModel, ModelRepository
+from cnnctl.serving.runtime import CUDA
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "cnnctl"
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
+PLATFORM = "onnxruntime_onnx"
+_NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+        self.repo = repository
+        self.config = config
+        self.accepting = True
+        # Image decoding is CPU work: a small pool beside the inference threads.
+        self._preprocess = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
+
+    def close(self) -> None:
+        self.accepting = False
+        self._preprocess.shutdown(wait=False)
+
+    # -- health and metadata
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.accepting and all(m.ready for m in self.repo))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        providers = sorted({m.runtime.info.provider for m in self.repo})
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__,
+            extensions=[*EXTENSIONS, *(f"cnnctl:execution_provider={p}" for p in providers)])
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        # A probe gets an answer, not an error: an unknown model is simply not ready.
+        try:
+            model = self.repo.get(request.name, request.version)
+        except CnnctlError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=model.ready and self.accepting)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        model = await self._model(request.name, request.version, context)
+        versions = [m.version for m in self.repo if m.name == model.name]
+        man = model.manifest
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=versions, platform=PLATFORM,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=man.input.name, datatype=man.input.datatype, shape=man.input.shape)],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=man.output.name, datatype=man.output.datatype, shape=man.output.shape)])
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        model = await self._model(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=model_config(model, self.config))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        if request.name:
+            await self._model(request.name, request.version, context)  # NOT_FOUND if unknown
+        chosen = [m for m in self.repo if (not request.name or m.name == request.name)
+                  and (not request.version or m.version == request.version)]
+        return pb.ModelStatisticsResponse(model_stats=[m.metrics.statistics() for m in chosen])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse()
+        for m in self.repo:
+            if request.ready and not m.ready:
+                continue
+            index.models.add(name=m.name, version=m.version,
+                             state="READY" if m.ready else "UNAVAILABLE",
+                             reason="" if m.ready else "shutting down")
+        return index
+
+    # -- inference
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        remaining = context.time_remaining()
+        deadline = None
+        if remaining is not None and remaining < _NO_DEADLINE_S:
+            deadline = asyncio.get_running_loop().time() + remaining
+        try:
+            return await self.infer(request, deadline)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Requests of one stream are computed concurrently (so they can share batches); each
+        # answer carries its request's id, and an error is an answer too, not the stream's end.
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+
+        async def one(req: pb.ModelInferRequest) -> None:
+            try:
+                answer = pb.ModelStreamInferResponse(infer_response=await self.infer(req, None))
+            except Exception as exc:  # noqa: BLE001
+                _, message = status_for(exc)
+                answer = pb.ModelStreamInferResponse(
+                    error_message=message, infer_response=pb.ModelInferResponse(
+                        model_name=req.model_name, model_version=req.model_version, id=req.id))
+            await answers.put(answer)
+
+        async def read() -> None:
+            tasks = set()
+            try:
+                async for req in request_iterator:
+                    tasks.add(asyncio.create_task(one(req)))
+                await asyncio.gather(*tasks)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
+    async def infer(self, request: pb.ModelInferRequest,
+                    deadline: float | None) -> pb.ModelInferResponse:
+        """One request, start to end; raises CnnctlError subclasses for the status table."""
+        if not self.accepting:
+            raise UnavailableError("the server is shutting down; not accepting new requests")
+        model = self.repo.get(request.model_name, request.model_version)
+        start = time.perf_counter()
+        model.metrics.request()
+        try:
+            decoded = decode_request(request, model.manifest)
+            if decoded.images is not None:
+                x = await asyncio.get_running_loop().run_in_executor(
+                    self._preprocess, decode_images, decoded.images, model.manifest.image,
+                    model.manifest.input.name)
+            else:
+                x = decoded.tensor
+            y = await model.infer(x, deadline)
+            response = encode_response(request, model.manifest, y)
+        except Exception as exc:
+            model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
+            raise
+        model.metrics.succeeded(time.perf_counter() - start)
+        return response
+
+    async def _model(self, name: str, version: str,
+                     context: grpc.aio.ServicerContext) -> LoadedModel:
+        try:
+            return self.repo.get(name, version)
+        except Exception as exc:  # noqa: BLE001
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise
+
+
+def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
+    man = model.manifest
+    info = model.runtime.info
+    out = mc.ModelConfig(
+        name=model.name, platform=PLATFORM, backend="onnxruntime",
+        max_batch_size=config.batching.max_batch_size,
+        default_model_filename=man.file("onnx", info.precision).path)  # type: ignore[union-attr]
+    # Triton's convention with max_batch_size > 0: dims leave out the batch dimension.
+    out.input.add(name=man.input.name, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                  dims=man.input.shape[1:])
+    out.output.add(name=man.output.name, data_type=mc.TYPE_FP32, dims=man.output.shape[1:])
+    if config.batching.enabled:
+        out.dynamic_batching.max_queue_delay_microseconds = int(
+            config.batching.max_queue_delay_ms * 1000)
+        out.dynamic_batching.default_queue_policy.max_queue_size = config.batching.max_queue_size
+    kind = mc.ModelInstanceGroup.KIND_GPU if info.provider == CUDA else (
+        mc.ModelInstanceGroup.KIND_CPU)
+    out.instance_group.add(name=f"{model.name}_0", kind=kind, count=config.instances)
+    out.parameters["execution_provider"].string_value = info.provider
+    out.parameters["precision"].string_value = info.precision
+    out.parameters["intra_op_threads"].string_value = str(info.intra_op_threads)
+    out.parameters["model"].string_value = man.model
+    return out
