@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnctl.errors import DataError, ShapeError, VerificationError
+# The training loop's own batch preparation: the verifier must feed the exact inputs the model was
+# trained on (uint8 → /255 → bilinear resize if the size differs → (x - mean) / std).
+from cnnctl.training.transforms import prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +64,6 @@ TOLERANCES: dict[str, Tolerance] = {
 DEFAULT_BATCH_SIZES = (1, 7, 64)
 DEFAULT_MAX_IMAGES = 2000
 REAL_BATCH = 64
-
-
-def prepare_batch(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]
-) -> torch.Tensor:
-    """uint8 N×C×H×W → float32 normalised, resized to ``size``: exactly what training feeds the model
-    (cnnctl.training's batch preparation), so the verifier sees inputs the model was trained on."""
-    x = images.float().div_(255)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 @dataclass(frozen=True)
