@@ -120,6 +120,30 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str])
     return path
 
 
+def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Make ``target`` hold the same bytes as ``source``, atomically: a hard link under a temp name
+    renamed over ``target`` (no second copy of a 500 MB vgg16 checkpoint), or a copy where the
+    filesystem has no hard links. ``source`` being replaced later (os.replace) leaves it intact."""
+    source, target = Path(source), Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def _torch_load(path: str | os.PathLike[str], map_location: Any) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -174,7 +174,7 @@ def decode_images(
                 img = img.convert(mode)
                 if img.size != (size[1], size[0]):
                     img = img.resize((size[1], size[0]), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                arr = np.array(img, dtype=np.uint8)  # a writable copy for torch
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"cannot decode image {path}: {exc}") from None
         out[i] = torch.from_numpy(arr.reshape(size[0], size[1], channels)).permute(2, 0, 1)

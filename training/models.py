@@ -33,6 +33,7 @@ class Recipe:
     milestones: tuple[int, ...] = ()  # epochs, for the multistep schedule
     gamma: float = 0.1  # lr factor at each milestone
     augment: str = "none"  # none | crop-flip (CIFAR-style random crop with padding + h-flip)
+    crop_padding: tuple[int, int, int, int] = (4, 4, 4, 4)  # left, top, right, bottom (torchvision order)
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,8 @@ register(ModelSpec("cifar-net-v3", CifarNetV3, (3, 32, 32), "004_812b555d09f9094
                    "cifar10",
                    Recipe(epochs=40, batch_size=32, lr=0.01, optimizer="sgd", schedule="multistep",
                           momentum=0.9, weight_decay=0.0, milestones=(8, 16, 24, 32), gamma=0.5,
-                          augment="crop-flip")))
+                          # 004: RandomCrop(32, padding=[0, 2, 3, 4]) + RandomHorizontalFlip
+                          augment="crop-flip", crop_padding=(0, 2, 3, 4))))
 register(ModelSpec("vgg16", _vgg16, (3, 224, 224), "004_812b555d09f90945.txt",
                    "torchvision VGG16, last Linear replaced (transfer learning)", "cifar10",
                    Recipe(epochs=5, batch_size=32, lr=0.001, optimizer="sgd", schedule="cosine"),

@@ -1,0 +1,76 @@
+"""Multi-process data-parallel training: ``cnnctl train --nproc N`` starts torchrun.
+
+The loop itself (loop.py) reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), so any
+torchrun invocation works, including multi-node:
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m cnnctl train --model resnet-mini --dataset mnist --out runs/ddp
+
+``--nproc`` on one machine is a shortcut: it writes the resolved configuration to the run directory
+and starts ``torchrun --standalone`` on this module, so every rank trains with exactly that config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cnnctl.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def launch(config: TrainConfig, resume: str | os.PathLike[str] | None = None) -> int:
+    """Run ``config`` in ``config.nproc`` processes on this machine; returns torchrun's exit code."""
+    from cnnctl.training.loop import new_run_dir
+
+    run_dir = Path(resume) if resume else Path(config.out or new_run_dir(config.model))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = config.replace(out=str(run_dir))
+    spec_path = run_dir / "launch.json"
+    spec_path.write_text(json.dumps({"config": config.to_dict(),
+                                     "resume": str(resume) if resume else None}) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={config.nproc}", "-m", "cnnctl.training.distributed", str(spec_path)]
+    env = dict(os.environ)
+    # torchrun's default of one thread per process is what we want on CPU too; be explicit.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc)))
+    log.info("starting: %s", " ".join(cmd))
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One torchrun worker: train the configuration ``launch`` wrote."""
+    import click
+
+    from cnnctl.errors import CnnctlError
+    from cnnctl.training.commands import _echo_callbacks
+    from cnnctl.training.loop import train
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    config = TrainConfig.from_dict(spec["config"])
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        result = train(config, callbacks=_echo_callbacks(), resume=spec.get("resume"))
+    except CnnctlError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0 and result.history:
+        click.echo(f"best val acc {100 * result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
+                   f"{result.history[-1].elapsed_s:.1f}s")
+        click.echo(f"best checkpoint: {result.best_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
