@@ -3,14 +3,21 @@
 The real exporter (cnnctl.export) writes verified artifacts from trained checkpoints; the server
 only needs the artifact contract (an ONNX file with a dynamic batch dimension + manifest.json), so
 its tests build that directly and stay independent of the exporter. Imports torch lazily.
+Also: helpers to run a real server on 127.0.0.1:0 in a test's event loop and talk to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cnnctl.export.manifest import ImageSpec, Manifest, TensorSpec, file_entry, save_manifest
+from cnnctl.serving.config import BatchingConfig, ServerConfig
 
 
 def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None = None,
@@ -43,3 +50,49 @@ def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None
     )
     save_manifest(directory, manifest)
     return directory
+
+
+def config_for(*dirs: Path, **overrides: Any) -> ServerConfig:
+    batching = BatchingConfig(**{k: overrides.pop(k) for k in list(overrides)
+                                 if k in BatchingConfig.__dataclass_fields__})
+    return ServerConfig(artifact_dirs=tuple(str(d) for d in dirs), host="127.0.0.1", port=0,
+                        batching=batching, device="cpu", intra_op_threads=1, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running(config: ServerConfig) -> AsyncIterator[tuple[Any, Any]]:
+    """(server, channel) for a started server; stopped (gracefully) on exit."""
+    import grpc
+
+    from cnnctl.serving.server import create_server
+
+    server, port = await create_server(config)
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(grace=5)
+
+
+def infer_request(x: np.ndarray, model: str = "lenet5", version: str = "",
+                  name: str = "input", datatype: str = "FP32", rid: str = "") -> Any:
+    from cnnctl.protos import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model, model_version=version, id=rid)
+    req.inputs.add(name=name, datatype=datatype, shape=x.shape)
+    req.raw_input_contents.append(x.tobytes())
+    return req
+
+
+def logits_of(resp: Any) -> np.ndarray:
+    out = resp.outputs[0]
+    return np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(list(out.shape))
+
+
+def stub(channel: Any) -> Any:
+    from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+
+    return pb_grpc.GRPCInferenceServiceStub(channel)

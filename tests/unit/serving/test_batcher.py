@@ -1,0 +1,175 @@
+"""The dynamic batcher alone, with a fake model that records every batch it is given."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cnnctl.errors import DeadlineExceededError, OverloadedError, UnavailableError
+from cnnctl.serving.batcher import Batcher
+from cnnctl.serving.config import BatchingConfig
+
+
+class FakeModel:
+    def __init__(self, delay: float = 0.0, fail_on: float | None = None) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.fail_on = fail_on
+
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(int(x.shape[0]))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("boom")
+        return x.reshape(x.shape[0], -1).sum(axis=1, keepdims=True) * 2
+
+
+def rows(n: int, value: float) -> np.ndarray:
+    return np.full((n, 1, 2, 2), value, dtype=np.float32)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_merges_queued_requests_and_splits_results_back() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.02)
+        b = Batcher("m", model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0))
+        b.start()
+        # The first request occupies the single instance; the next five queue up meanwhile.
+        first = asyncio.create_task(b.submit(rows(1, 1.0)))
+        await asyncio.sleep(0.005)
+        sizes = [1, 2, 3, 1, 1]
+        tasks = [asyncio.create_task(b.submit(rows(n, float(i + 2)))) for i, n in enumerate(sizes)]
+        results = await asyncio.gather(first, *tasks)
+        await b.drain()
+        assert model.batches == [1, 8]  # 1+2+3+1+1 = 8 images in one execution
+        for i, (n, out) in enumerate(zip(sizes, results[1:])):
+            assert out.shape == (n, 1)
+            np.testing.assert_allclose(out, np.full((n, 1), (i + 2) * 4 * 2))
+
+    run(main())
+
+
+def test_never_splits_a_request_and_respects_max_batch_size() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.02)
+        b = Batcher("m", model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=0))
+        b.start()
+        first = asyncio.create_task(b.submit(rows(1, 1.0)))
+        await asyncio.sleep(0.005)
+        tasks = [asyncio.create_task(b.submit(rows(n, 1.0))) for n in (3, 2, 6, 1)]
+        await asyncio.gather(first, *tasks)
+        await b.drain()
+        assert model.batches == [1, 3, 2, 6, 1]  # 3+2 > 4; 6 runs alone; 1 after it
+
+    run(main())
+
+
+def test_queue_delay_gathers_requests_arriving_while_idle() -> None:
+    async def main(enabled: bool) -> list[int]:
+        model = FakeModel()
+        b = Batcher("m", model, BatchingConfig(enabled=enabled, max_batch_size=8,
+                                               max_queue_delay_ms=100))
+        b.start()
+        tasks = []
+        for _ in range(3):
+            tasks.append(asyncio.create_task(b.submit(rows(1, 1.0))))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        await b.drain()
+        return model.batches
+
+    assert run(main(True)) == [3]
+    assert run(main(False)) == [1, 1, 1]
+
+
+def test_full_queue_is_refused() -> None:
+    async def main() -> None:
+        b = Batcher("lenet5", FakeModel(), BatchingConfig(max_queue_size=2,
+                                                          max_queue_delay_ms=200))
+        b.start()
+        queued = [asyncio.create_task(b.submit(rows(1, 1.0))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError) as info:
+            await b.submit(rows(1, 1.0))
+        assert str(info.value) == ("model 'lenet5' queue is full (2 requests waiting); retry "
+                                   "later or raise --max-queue-size")
+        await asyncio.gather(*queued)
+        await b.drain()
+
+    run(main())
+
+
+def test_expired_requests_are_dropped_without_computing() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.05)
+        b = Batcher("lenet5", model, BatchingConfig(max_queue_delay_ms=0))
+        b.start()
+        loop = asyncio.get_running_loop()
+        busy = asyncio.create_task(b.submit(rows(1, 1.0)))
+        await asyncio.sleep(0.005)
+        late = asyncio.create_task(b.submit(rows(2, 5.0), deadline=loop.time() + 0.01))
+        ok = asyncio.create_task(b.submit(rows(1, 3.0), deadline=loop.time() + 5))
+        with pytest.raises(DeadlineExceededError, match=r"^deadline passed after \d+\.\d ms in "
+                           r"model 'lenet5' queue; not computed$"):
+            await late
+        await asyncio.gather(busy, ok)
+        await b.drain()
+        assert model.batches == [1, 1]  # the expired request's 2 rows never reached the model
+        assert b.deadline_dropped == 1
+
+    run(main())
+
+
+def test_a_failed_execution_fails_only_its_batch() -> None:
+    async def main() -> None:
+        model = FakeModel(fail_on=7.0)
+        b = Batcher("m", model, BatchingConfig(enabled=False))
+        b.start()
+        bad = asyncio.create_task(b.submit(rows(1, 7.0)))
+        good = asyncio.create_task(b.submit(rows(1, 1.0)))
+        with pytest.raises(RuntimeError, match="^boom$"):
+            await bad
+        np.testing.assert_allclose(await good, [[8.0]])
+        await b.drain()
+
+    run(main())
+
+
+def test_drain_answers_everything_queued_then_refuses() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.01)
+        b = Batcher("m", model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+        b.start()
+        tasks = [asyncio.create_task(b.submit(rows(1, 1.0))) for _ in range(7)]
+        await asyncio.sleep(0)
+        await b.drain()
+        assert all(t.done() and t.exception() is None for t in tasks)
+        assert sum(model.batches) == 7
+        with pytest.raises(UnavailableError, match="^the server is shutting down; not accepting "
+                           "new requests$"):
+            await b.submit(rows(1, 1.0))
+
+    run(main())
+
+
+def test_cancelled_request_is_skipped() -> None:
+    async def main() -> None:
+        model = FakeModel(delay=0.03)
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0))
+        b.start()
+        busy = asyncio.create_task(b.submit(rows(1, 1.0)))
+        await asyncio.sleep(0.005)
+        gone = asyncio.create_task(b.submit(rows(4, 1.0)))
+        await asyncio.sleep(0.001)
+        gone.cancel()
+        await asyncio.gather(busy, b.submit(rows(1, 1.0)))
+        await b.drain()
+        assert model.batches == [1, 1]
+
+    run(main())
