@@ -65,7 +65,10 @@ def _echo_callbacks() -> Any:
 @click.option("--milestones", default=None, metavar="E1,E2,…",
               help="Epochs at which the multistep schedule multiplies lr by --gamma.")
 @click.option("--gamma", type=float, default=None)
-@click.option("--augment", default=None, metavar="none|crop-flip")
+@click.option("--augment", default=None, metavar="none|crop|crop-flip",
+              help="On-device random crop with --crop-padding (and horizontal flip).")
+@click.option("--crop-padding", default=None, metavar="L,T,R,B",
+              help="Zero padding before the random crop (default 4,4,4,4; seed 004: 0,2,3,4).")
 @click.option("--val-fraction", type=float, default=None,
               help="Share of the training split held out for model selection (default 0.1).")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda", show_default=True)
@@ -91,15 +94,16 @@ def _echo_callbacks() -> Any:
               help="Mixed precision (default: on for CUDA, off on CPU where bf16 measured slower).")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="NHWC memory format (default on).")
-@click.option("--max-steps", type=int, default=None,
+@click.option("--max-steps", "max_steps_per_epoch", type=int, default=None,
               help="At most this many steps per epoch (quick checks).")
 @click.option("--stream", default=None, metavar="auto|memory|stream",
               help="folder datasets: decode into memory or stream through DataLoader workers.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers when streaming.")
 @click.option("--plot/--no-plot", default=None, help="curves.png in the run dir (default on).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(model: str | None, dataset: str | None, milestones: str | None, resume: str | None,
-          nproc: int | None, import_only: bool, compile_: bool | None, **flags: Any) -> None:
+def train(model: str | None, dataset: str | None, milestones: str | None, crop_padding: str | None,
+          resume: str | None, nproc: int | None, import_only: bool, compile_: bool | None,
+          **flags: Any) -> None:
     """Train a model; writes best.pt, last.pt, metrics.csv and config.json into the run dir."""
     from cnnctl.errors import UsageError
     from cnnctl.training.config import from_flags
@@ -110,6 +114,12 @@ def train(model: str | None, dataset: str | None, milestones: str | None, resume
             flags["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
         except ValueError:
             raise UsageError(f"--milestones must be comma-separated epochs, got {milestones!r}") \
+                from None
+    if crop_padding is not None:
+        try:
+            flags["crop_padding"] = tuple(int(p) for p in crop_padding.split(","))
+        except ValueError:
+            raise UsageError(f"--crop-padding must be 4 comma-separated ints, got {crop_padding!r}") \
                 from None
     if resume is not None:
         return _resume(resume, nproc, flags)

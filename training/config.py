@@ -15,7 +15,7 @@ from cnnctl.errors import UnknownNameError, UsageError, known
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "multistep", "none")
-AUGMENTS = ("none", "crop-flip")
+AUGMENTS = ("none", "crop", "crop-flip")  # crop: random shifts only (digits must not flip)
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bf16", "fp16")
 STREAM_MODES = ("auto", "memory", "stream")

@@ -542,8 +542,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
         bar = _progress(steps, f"epoch {epoch}/{config.epochs}", enabled=config.progress and is_main)
         for step, (images, labels) in enumerate(
                 train_src.batches(config.seed, epoch, local_batch, rank, world, steps)):
-            if config.augment == "crop-flip":
-                images = crop_flip(images, config.crop_padding, aug_gen)
+            if config.augment != "none":
+                images = crop_flip(images, config.crop_padding, aug_gen,
+                                   flip=config.augment == "crop-flip")
             x = prepare_batch(images, mean, std, size)
             if precision.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,113 @@
+"""The real ``cnnctl`` executable: train, evaluate, models, datasets and their error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cnnctl(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "cnnctl", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_with_no_arguments_then_evaluate(tmp_path: Path) -> None:
+    """The README's first command: resnet-mini on the embedded sample, offline, a fresh run dir."""
+    done = cnnctl("train", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "device: cpu" in done.stdout
+    assert "training resnet-mini on mnist-sample" in done.stdout
+    assert done.stdout.count("epoch ") >= 3
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("resnet-mini-")
+    best = runs[0] / "best.pt"
+    assert f"best checkpoint: {Path('runs') / runs[0].name / 'best.pt'}" in done.stdout
+    assert (runs[0] / "metrics.csv").is_file() and (runs[0] / "config.json").is_file()
+    assert (runs[0] / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    done = cnnctl("evaluate", str(best), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["model"] == "resnet-mini" and out["dataset"] == "mnist-sample"
+    assert out["n"] == 2000 and set(out["per_class"]) == {str(i) for i in range(10)}
+    assert out["accuracy"] > 0.95  # 3 epochs on 10,800 images: about 98% measured
+
+
+def test_lenet5_evaluates_on_28px_mnist_resized(tmp_path: Path, shared_data_dir: Path) -> None:
+    done = cnnctl("train", "--model", "lenet5", "--epochs", "1", "--max-steps", "20",
+                  "--no-progress", "--no-plot", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    done = cnnctl("evaluate", str(tmp_path / "run" / "best.pt"), "--dataset", "mnist",
+                  "--data-dir", str(shared_data_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["n"] == 10_000 and out["model"] == "lenet5" and out["accuracy"] > 0.5
+
+
+def test_text_evaluate_prints_per_class(tmp_path: Path) -> None:
+    cnnctl("train", "--model", "convnet", "--epochs", "1", "--max-steps", "5", "--no-progress",
+           "--no-plot", "--out", str(tmp_path / "run"))
+    done = cnnctl("evaluate", str(tmp_path / "run" / "last.pt"))
+    assert done.returncode == 0, done.stderr
+    assert "convnet on mnist-sample test: accuracy" in done.stdout
+    assert sum(line.strip().startswith(tuple("0123456789")) for line in done.stdout.splitlines()) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "lenet6"], "error: unknown model 'lenet6'; known: lenet-classic, lenet5"),
+    (["train", "--model", "lenet5", "--dataset", "cifar10", "--data-dir", "/nonexistent"],
+     "error: model lenet5 expects 1×32×32 input; dataset cifar10 gives 3×32×32"),
+    (["train", "--dataset", "imagenet"], "error: unknown dataset 'imagenet'; known: mnist-sample"),
+    (["train", "--optimizer", "lbfgs"], "error: unknown optimizer 'lbfgs'; known: sgd, adam, adamw"),
+    (["train", "--epochs", "0"], "error: --epochs must be a positive integer, got 0"),
+    (["train", "--batch-size", "-1"], "error: --batch-size must be a positive integer, got -1"),
+    (["train", "--lr", "-0.1"], "error: --lr must be positive, got -0.1"),
+    (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--device", "x"],
+     "error: --device cuda: no CUDA device" if not torch.cuda.is_available() else "unknown device"),
+    (["evaluate", "/nonexistent/best.pt"], "error: checkpoint '/nonexistent/best.pt' does not exist"),
+])
+def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    done = cnnctl(*args, "--no-progress" if args[0] == "train" else "--json", cwd=tmp_path) \
+        if args[0] == "train" else cnnctl(*args, cwd=tmp_path)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(message), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_missing_data_offline_names_the_files(tmp_path: Path) -> None:
+    done = cnnctl("train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
+                  "--no-progress", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "dataset fashion-mnist" in done.stderr and "train-images-idx3-ubyte" in done.stderr
+
+
+def test_pickled_checkpoint_is_refused(tmp_path: Path) -> None:
+    from cnnctl.training.models import build_model
+
+    path = tmp_path / "whole_model.pth"
+    torch.save(build_model("convnet", check_inputs=False), path)  # seed 004's torch.save(model)
+    done = cnnctl("evaluate", str(path))
+    assert done.returncode == 2
+    assert "refused: the file holds a pickled Python object" in done.stderr
+
+
+def test_models_and_datasets_listings() -> None:
+    done = cnnctl("models")
+    assert done.returncode == 0, done.stderr
+    assert "resnet-mini" in done.stdout and "134,301,514" in done.stdout  # vgg16 with a 10-class head
+    assert "1×28×28" in done.stdout and "002_3b448b9890e3532f.txt" in done.stdout
+    done = cnnctl("datasets")
+    assert done.returncode == 0
+    for name in ("mnist-sample", "mnist", "fashion-mnist", "cifar10", "folder:PATH"):
+        assert name in done.stdout
