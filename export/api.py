@@ -88,8 +88,8 @@ def _calibration_inputs(ckpt: Mapping[str, Any], dataset: str | None, data_dir: 
                         count: int) -> Any:
     import torch
 
-    from cnnctl.export.verify import prepare_batch
     from cnnctl.training.data import load_split
+    from cnnctl.training.transforms import prepare_batch
 
     name = dataset or ckpt.get("dataset") or ""
     if not name:
@@ -238,7 +238,10 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out)
     fd = os.open(out.parent, os.O_RDONLY)

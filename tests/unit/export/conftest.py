@@ -16,6 +16,7 @@ import torch
 from cnnctl.training.checkpoint import make_checkpoint, save_checkpoint
 from cnnctl.training.data import load_split
 from cnnctl.training.models import build_model, get_spec
+from cnnctl.training.transforms import prepare_batch
 
 
 
@@ -23,8 +24,6 @@ def make_test_checkpoint(name: str, steps: int = 0, seed: int = 0) -> dict[str, 
     """A cnnctl checkpoint for zoo model ``name``; ``steps`` SGD steps on mnist-sample (1-channel
     models only). 3-channel models name cifar10, which is not available offline, on purpose: the
     verifier must say so rather than skip silently."""
-    from cnnctl.export.verify import prepare_batch
-
     torch.manual_seed(seed)
     spec = get_spec(name)
     c, h, w = spec.input_shape
