@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnctl.training.checkpoint import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -20,6 +22,7 @@ def cnnctl(*args: str, cwd: Path | None = None, timeout: float = 240) -> subproc
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_with_no_arguments_then_evaluate(tmp_path: Path) -> None:
     """The README's first command: resnet-mini on the embedded sample, offline, a fresh run dir."""
     done = cnnctl("train", "--no-progress", cwd=tmp_path)
@@ -43,14 +46,17 @@ def test_train_with_no_arguments_then_evaluate(tmp_path: Path) -> None:
 
 
 def test_lenet5_evaluates_on_28px_mnist_resized(tmp_path: Path, shared_data_dir: Path) -> None:
-    done = cnnctl("train", "--model", "lenet5", "--epochs", "1", "--max-steps", "20",
-                  "--no-progress", "--no-plot", "--out", str(tmp_path / "run"))
+    done = cnnctl("train", "--model", "lenet5", "--epochs", "1", "--no-progress",
+                  "--no-plot", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
     done = cnnctl("evaluate", str(tmp_path / "run" / "best.pt"), "--dataset", "mnist",
                   "--data-dir", str(shared_data_dir), "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["n"] == 10_000 and out["model"] == "lenet5" and out["accuracy"] > 0.5
+    assert out["n"] == 10_000 and out["model"] == "lenet5"
+    val_acc = load_checkpoint(tmp_path / "run" / "best.pt")["metrics"]["val_acc"]
+    # Resized 28→32 the same way as in training: test accuracy close to the validation accuracy.
+    assert val_acc > 0.3 and abs(out["accuracy"] - val_acc) < 0.05
 
 
 def test_text_evaluate_prints_per_class(tmp_path: Path) -> None:
