@@ -39,6 +39,9 @@ class ServerConfig:
     reuse_port: bool = False  # set for --workers; otherwise a second server on the port fails
     max_message_mb: int = 64  # largest request or response message (MiB)
     grace_s: float = 30.0  # how long shutdown waits for in-flight and queued requests (s)
+    # After the signal, keep answering new arrivals this long (s): requests sent just before it may
+    # still be in transit or in gRPC's not-yet-dispatched queue (server.py, shutdown step 2).
+    drain_linger_s: float = 0.5
 
     @property
     def max_message_bytes(self) -> int:

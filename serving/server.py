@@ -1,9 +1,14 @@
 """The gRPC server: create_server(config) -> (server, port), and serve() until SIGTERM/SIGINT.
 
-Graceful shutdown, in order: health goes NOT_SERVING and ServerReady false, the gRPC server stops
-accepting RPCs and waits (up to grace_s) for every RPC in flight, which includes every request
-waiting in a batch queue (the batchers keep running meanwhile), then the batchers are drained and
-the ORT thread pools closed.
+Graceful shutdown, in order (all within grace_s):
+1. health goes NOT_SERVING and ServerReady false, so balancers stop sending;
+2. for drain_linger_s everything that arrives is still answered: requests a client sent just
+   before the signal may still be on the wire or waiting in gRPC's queue of calls not yet handed
+   to a handler, and grpc's own stop() cancels those (measured: up to ~10 of 16 closed-loop
+   clients' requests, sent up to 8 ms before the signal, came back CANCELLED without this step);
+3. new inference requests are refused (UNAVAILABLE) and the server waits until every accepted one
+   is answered, the batch queues included (the batchers keep running);
+4. the gRPC server stops, the batchers are drained and the ORT thread pools closed.
 """
 
 from __future__ import annotations
@@ -50,13 +55,23 @@ class InferenceServer:
         for name in self.repository.names():
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
         """Stop accepting, answer everything in flight and queued, release the models."""
         if self._stopped.is_set():
             return
+        loop = asyncio.get_running_loop()
         grace = self.config.grace_s if grace is None else grace
+        linger = self.config.drain_linger_s if linger is None else linger
+        end = loop.time() + grace
+        self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        await asyncio.sleep(min(linger, grace))
+        self.servicer.accepting = False
+        try:
+            await asyncio.wait_for(self.servicer.wait_idle(), max(0.0, end - loop.time()))
+        except TimeoutError:
+            log.warning("grace period over with %d requests unanswered", self.servicer.active)
+        await self.grpc_server.stop(max(0.0, end - loop.time()))
         self.servicer.close()
         await self.repository.drain()
         self._stopped.set()

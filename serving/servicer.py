@@ -34,13 +34,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
         self.repo = repository
         self.config = config
-        self.accepting = True
+        self.accepting = True  # False: new inference requests are refused (UNAVAILABLE)
+        self.draining = False  # True from the shutdown signal on: ServerReady says false
+        self.active = 0  # inference RPCs being answered
+        self._idle = asyncio.Event()
+        self._idle.set()
         # Image decoding is CPU work: a small pool beside the inference threads.
         self._preprocess = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
 
     def close(self) -> None:
         self.accepting = False
         self._preprocess.shutdown(wait=False)
+
+    async def wait_idle(self) -> None:
+        """Until no inference RPC is being answered."""
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
 
     # -- health and metadata
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -49,7 +66,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.accepting and all(m.ready for m in self.repo))
+        return pb.ServerReadyResponse(ready=not self.draining and all(m.ready for m in self.repo))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
@@ -65,7 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.repo.get(request.name, request.version)
         except CnnctlError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=model.ready and self.accepting)
+        return pb.ModelReadyResponse(ready=model.ready and not self.draining)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
@@ -110,12 +127,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None
         if remaining is not None and remaining < _NO_DEADLINE_S:
             deadline = asyncio.get_running_loop().time() + remaining
+        self._enter()
         try:
             return await self.infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
             code, message = status_for(exc)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        finally:
+            self._leave()
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
@@ -125,6 +145,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
 
         async def one(req: pb.ModelInferRequest) -> None:
+            self._enter()
             try:
                 answer = pb.ModelStreamInferResponse(infer_response=await self.infer(req, None))
             except Exception as exc:  # noqa: BLE001
@@ -132,6 +153,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 answer = pb.ModelStreamInferResponse(
                     error_message=message, infer_response=pb.ModelInferResponse(
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
+            finally:
+                self._leave()
             await answers.put(answer)
 
         async def read() -> None:

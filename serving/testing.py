@@ -74,7 +74,7 @@ async def running(config: ServerConfig) -> AsyncIterator[tuple[Any, Any]]:
         yield server, channel
     finally:
         await channel.close()
-        await server.stop(grace=5)
+        await server.stop(grace=5, linger=0)
 
 
 def infer_request(x: np.ndarray, model: str = "lenet5", version: str = "",
@@ -96,3 +96,70 @@ def stub(channel: Any) -> Any:
     from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 
     return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+class CliServer:
+    """``cnnctl serve ... --port 0`` in a subprocess; the port is read from its startup line."""
+
+    def __init__(self, *args: str, timeout: float = 60.0) -> None:
+        import os
+        import queue
+        import re
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1", "--port", "0",
+             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        # A reader thread, not select() on the pipe: a buffered readline may already hold the line.
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        while True:
+            try:
+                line = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                line = None
+            if line is None:
+                break
+            self.lines.append(line)
+            found = re.search(r"listening on grpcs?://[^:]+:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                return
+        self.kill()
+        raise RuntimeError("cnnctl serve did not start:\n" + "\n".join(self.lines))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        """Everything it printed (complete once it has exited)."""
+        if self.proc.poll() is not None:
+            self._reader.join(5)
+        while not self._queue.empty():
+            line = self._queue.get()
+            if line is not None:
+                self.lines.append(line)
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> CliServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,76 @@
+"""Must show 1: train a tiny model, export it, `cnnctl serve` it on 127.0.0.1:0, and predict through
+tritonclient.grpc (readiness, metadata, config, infer, statistics); answers equal in-process ONNX
+Runtime. tritonclient runs in its own process (tests/e2e/triton_probe.py): its protobuf names are
+ours and cannot share this process with cnnctl.protos."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnctl.serving.testing import CliServer
+
+PROBE = Path(__file__).with_name("triton_probe.py")
+
+
+def cnnctl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "cnnctl", "-q", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    cnnctl("train", "--model", "lenet5", "--epochs", "1", "--max-steps", "20", "--no-progress",
+           "--no-plot", "--out", "run", cwd=work)
+    cnnctl("export", "run/best.pt", "--format", "onnx", "--verify-images", "64", "--out", "art",
+           cwd=work)
+    return work / "art"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient is not installed")
+def test_tritonclient_against_cnnctl_serve(trained_artifact: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from cnnctl.export.manifest import load_manifest
+
+    manifest = load_manifest(trained_artifact)
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    session = ort.InferenceSession(str(trained_artifact / manifest.file("onnx").path),
+                                   providers=["CPUExecutionProvider"])
+    expected = session.run(["logits"], {"input": x})[0]
+
+    with CliServer(str(trained_artifact)) as server:
+        assert any("on CPUExecutionProvider" in line for line in server.lines)
+        done = subprocess.run([sys.executable, str(PROBE), server.address, manifest.name,
+                               str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert (got["live"], got["ready"], got["model_ready"]) == (True, True, True)
+    assert got["server"]["name"] == "cnnctl"
+    assert got["metadata"]["inputs"] == [{"name": "input", "datatype": "FP32",
+                                          "shape": ["-1", "1", "32", "32"]}]
+    assert got["config"]["max_batch_size"] == 64
+    assert got["config"]["parameters"]["execution_provider"]["string_value"] == \
+        "CPUExecutionProvider"
+    assert got["id"] == "probe-1"
+    logits = np.frombuffer(base64.b64decode(got["logits"]), dtype="<f4").reshape(got["logits_shape"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    stats = got["stats"]["model_stats"][0]
+    assert (stats["inference_count"], stats["execution_count"]) == ("3", "1")
+    assert stats["inference_stats"]["success"]["count"] == "1"
+    assert got["errors"]["unknown_model"] == [
+        "StatusCode.NOT_FOUND", f"unknown model 'no-such-model'; served models: {manifest.name}"]
