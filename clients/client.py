@@ -1,0 +1,420 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio): classify images over KServe v2 gRPC.
+
+    with Client("127.0.0.1:8001") as client:
+        for p in client.predict("lenet5", ["seven.png", "two.png"], top_k=3):
+            print(p.label, p.probability)
+
+Both speak to any Triton-compatible server (cnnctl serve included) with the same API; they share
+everything but the waiting (protocol.py builds and reads the messages, images.py prepares the
+images). Per call: one deadline (``timeout``, measured on ``time.monotonic``) covers every chunk and
+every retry; only UNAVAILABLE is retried, with exponential backoff, because it is the one failure
+that says "nothing was computed, try again" - retrying INVALID_ARGUMENT or RESOURCE_EXHAUSTED would
+repeat the failure or add load to an overloaded server. A failed call raises the typed exception of
+clients/errors.py with the server's message.
+
+Why ``preprocess="server"`` is the default: the server already decodes PNG/JPEG with the model's
+own ImageSpec (the one export verified against), so one implementation of the preprocessing exists;
+files travel as they are, and an encoded image is smaller on the wire than its float32 tensor
+(a 28×28 digit: ~0.3 KB PNG vs 3.1 KB; 224×224 RGB JPEG: ~20 KB vs 602 KB). ``"client"`` moves the
+decoding off a busy server, when the server publishes its ImageSpec.
+
+Imports grpc, numpy and (lazily) PIL; never torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from cnnctl.clients import protocol
+from cnnctl.clients.errors import ClientError, DeadlineExceeded, Unavailable, from_rpc_error
+from cnnctl.clients.images import ImageLike, expand, preprocess, to_encoded
+from cnnctl.clients.protocol import ModelInfo, Prediction
+from cnnctl.errors import ShapeError, UsageError
+from cnnctl.protos import grpc_service_pb2 as pb
+from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8001  # Triton's (and cnnctl serve's) gRPC port
+PREPROCESS_MODES = ("server", "client")
+# cnnctl serve's default --max-message-mb; a larger request is split on the client.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+
+def parse_url(url: str) -> tuple[str, bool]:
+    """``host:port``, ``grpc://host:port`` or ``grpcs://host:port`` → (target, tls)."""
+    tls = False
+    for scheme, secure in (("grpcs://", True), ("grpc://", False)):
+        if url.startswith(scheme):
+            url, tls = url[len(scheme):], secure
+            break
+    if "://" in url:
+        raise UsageError(f"server address {url!r}: unknown scheme; allowed: host:port, "
+                         f"grpc://host:port, grpcs://host:port")
+    host, sep, port = url.rpartition(":")
+    if not sep or "]" in port:
+        host, port = url, str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"server address {url!r} is not host:port (port 1-65535)")
+    return f"{host}:{port}", tls
+
+
+class _ClientBase:
+    """Configuration, validation and the I/O-free halves of every call."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.1, max_backoff: float = 2.0, tls: bool = False,
+                 root_certificates: bytes | str | Path | None = None,
+                 server_name: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 preprocess: str = "server", max_in_flight: int = 4) -> None:
+        self.target, url_tls = parse_url(url)
+        if timeout <= 0:
+            raise UsageError(f"timeout must be positive seconds, got {timeout}")
+        if retries < 0:
+            raise UsageError(f"retries must be 0 or more, got {retries}")
+        if backoff < 0 or max_backoff < backoff:
+            raise UsageError(f"backoff {backoff} s / max_backoff {max_backoff} s: need "
+                             f"0 <= backoff <= max_backoff")
+        if preprocess not in PREPROCESS_MODES:
+            raise UsageError(f"preprocess {preprocess!r} is not known; allowed: "
+                             f"{', '.join(PREPROCESS_MODES)}")
+        if max_message_bytes < 1024 * 1024:
+            raise UsageError(f"max_message_bytes {max_message_bytes} is below the 1 MiB minimum")
+        if max_in_flight < 1:
+            raise UsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.timeout = timeout  # s, per call: covers every chunk and retry
+        self.retries = retries  # extra attempts after an UNAVAILABLE
+        self.backoff = backoff  # s before the first retry; doubles each time up to max_backoff
+        self.max_backoff = max_backoff
+        self.max_message_bytes = max_message_bytes
+        self.preprocess = preprocess
+        self.max_in_flight = max_in_flight  # AsyncClient: chunks of one call in flight at once
+        self.tls = tls or url_tls or root_certificates is not None
+        if isinstance(root_certificates, (str, Path)):
+            try:
+                root_certificates = Path(root_certificates).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"cannot read root certificates {str(root_certificates)!r} "
+                                 f"({exc.strerror})") from None
+        self.root_certificates = root_certificates
+        self.server_name = server_name
+        self._infos: dict[tuple[str, str], ModelInfo] = {}
+
+    # -- channel
+    def _options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+
+    # -- deadlines and retries
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
+
+    @staticmethod
+    def _remaining(deadline: float, what: str) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"deadline passed before {what} could be sent")
+        return left
+
+    def _retry_delay(self, error: ClientError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up with ``error``."""
+        if not isinstance(error, Unavailable) or attempt > self.retries:
+            return None
+        delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        if time.monotonic() + delay >= deadline:
+            return None
+        log.info("%s unavailable (%s); retry %d/%d in %.2f s", self.target, error.message,
+                 attempt, self.retries, delay)
+        return delay
+
+    @staticmethod
+    def _final(error: ClientError, attempt: int) -> ClientError:
+        if isinstance(error, Unavailable) and attempt > 1:
+            return Unavailable(error.code, f"{error.message} (gave up after {attempt} attempts)",
+                               attempts=attempt)
+        error.attempts = attempt
+        return error
+
+    # -- predict / infer, the halves without I/O
+    def _predict_requests(self, info: ModelInfo, images: ImageLike | Sequence[ImageLike]
+                          ) -> list[pb.ModelInferRequest]:
+        items = expand(images)
+        if self.preprocess == "client":
+            if info.image is None:
+                raise UsageError(
+                    f"model '{info.name}' does not publish its image preprocessing (ModelConfig "
+                    f"parameter '{protocol.IMAGE_PARAMETER}'); use preprocess='server'")
+            arrays = [preprocess(item, info.image, f"image {i}") for i, item in enumerate(items)]
+            return self._tensor_requests(info, np.stack(arrays))
+        encoded = [to_encoded(item) for item in items]
+        chunks = protocol.plan_chunks([len(e) + 4 for e in encoded], info.max_batch_size,
+                                      self.max_message_bytes)
+        return [protocol.bytes_request(info, encoded[c]) for c in chunks]
+
+    def _tensor_requests(self, info: ModelInfo, x: np.ndarray) -> list[pb.ModelInferRequest]:
+        x = np.asarray(x)
+        expected = info.input_shape
+        if x.ndim == len(expected) - 1:
+            x = x[None]
+        if x.ndim != len(expected) or any(e > 0 and s != e for s, e in zip(x.shape[1:],
+                                                                            expected[1:])):
+            raise ShapeError(f"tensor of shape {list(x.shape)} does not fit model '{info.name}' "
+                             f"input {list(expected)} (-1: any batch size)")
+        row = int(np.prod(x.shape[1:])) * 4
+        chunks = protocol.plan_chunks([row] * len(x), info.max_batch_size, self.max_message_bytes)
+        return [protocol.tensor_request(info, x[c]) for c in chunks]
+
+    @staticmethod
+    def _join(info: ModelInfo, requests: list[pb.ModelInferRequest],
+              responses: list[pb.ModelInferResponse]) -> np.ndarray:
+        parts = []
+        for req, resp in zip(requests, responses):
+            logits = protocol.logits_of(resp, info)
+            sent = int(req.inputs[0].shape[0])
+            if logits.shape[0] != sent:
+                raise UsageError(f"server answered {logits.shape[0]} rows for {sent} images")
+            parts.append(logits)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class Client(_ClientBase):
+    """Blocking client over one gRPC channel. Thread-safe; close it (or use ``with``)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        credentials = self._credentials()
+        self._channel = (grpc.insecure_channel(self.target, options=self._options())
+                         if credentials is None else
+                         grpc.secure_channel(self.target, credentials, options=self._options()))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, deadline: float) -> Any:
+        rpc: Callable[..., Any] = getattr(self._stub, method)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return rpc(request, timeout=self._remaining(deadline, method))
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, attempts=attempt)
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
+                raise self._final(error, attempt) from None
+            time.sleep(delay)
+
+    # -- health and metadata
+    def server_live(self, *, timeout: float | None = None) -> bool:
+        return self._call("ServerLive", pb.ServerLiveRequest(), self._deadline(timeout)).live
+
+    def server_ready(self, *, timeout: float | None = None) -> bool:
+        return self._call("ServerReady", pb.ServerReadyRequest(), self._deadline(timeout)).ready
+
+    def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
+        return self._call("ModelReady", pb.ModelReadyRequest(name=model, version=version),
+                          self._deadline(timeout)).ready
+
+    def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
+        return self._call("ServerMetadata", pb.ServerMetadataRequest(), self._deadline(timeout))
+
+    def wait_until_ready(self, timeout: float = 30.0, poll: float = 0.1) -> None:
+        """Block until the server answers ready; Unavailable when ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        last = "not ready"
+        while True:
+            try:
+                if self.server_ready(timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
+                    return
+            except (Unavailable, DeadlineExceeded) as exc:
+                last = exc.message
+            if time.monotonic() + poll >= deadline:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                  f"server {self.target} not ready after {timeout} s ({last})")
+            time.sleep(poll)
+
+    def model_info(self, model: str, version: str = "", *, timeout: float | None = None,
+                   refresh: bool = False) -> ModelInfo:
+        """Names, shapes, class names and batch limit of a model (cached per client)."""
+        key = (model, version)
+        if refresh or key not in self._infos:
+            deadline = self._deadline(timeout)
+            meta = self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version),
+                              deadline)
+            config = self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=version),
+                                deadline).config
+            self._infos[key] = protocol.model_info(version, meta, config)
+        return self._infos[key]
+
+    # -- inference
+    def _send_all(self, requests: list[pb.ModelInferRequest], deadline: float
+                  ) -> list[pb.ModelInferResponse]:
+        return [self._call("ModelInfer", req, deadline) for req in requests]
+
+    def predict(self, model: str, images: ImageLike | Sequence[ImageLike], *, top_k: int = 5,
+                return_logits: bool = False, version: str = "",
+                timeout: float | None = None) -> list[Prediction]:
+        """Top-k classes per image, in the order given (see images.py for what an image is)."""
+        deadline = self._deadline(timeout)
+        info = self.model_info(model, version, timeout=self._remaining(deadline, "ModelMetadata"))
+        top_k = protocol.check_top_k(top_k, info)
+        requests = self._predict_requests(info, images)
+        logits = self._join(info, requests, self._send_all(requests, deadline))
+        return protocol.predictions(logits, info, top_k, return_logits)
+
+    def infer(self, model: str, tensor: np.ndarray, *, version: str = "",
+              timeout: float | None = None) -> np.ndarray:
+        """Logits for an already-normalised float32 tensor (N×C×H×W, or C×H×W for one)."""
+        deadline = self._deadline(timeout)
+        info = self.model_info(model, version, timeout=self._remaining(deadline, "ModelMetadata"))
+        requests = self._tensor_requests(info, tensor)
+        return self._join(info, requests, self._send_all(requests, deadline))
+
+
+class AsyncClient(_ClientBase):
+    """asyncio client over one grpc.aio channel; the same API as ``Client``, awaited.
+
+    The chunks of one large call go concurrently (``max_in_flight`` at a time)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        credentials = self._credentials()
+        self._channel = (grpc.aio.insecure_channel(self.target, options=self._options())
+                         if credentials is None else
+                         grpc.aio.secure_channel(self.target, credentials, options=self._options()))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, request: Any, deadline: float) -> Any:
+        rpc: Callable[..., Any] = getattr(self._stub, method)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await rpc(request, timeout=self._remaining(deadline, method))
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, attempts=attempt)
+            delay = self._retry_delay(error, attempt, deadline)
+            if delay is None:
+                raise self._final(error, attempt) from None
+            await asyncio.sleep(delay)
+
+    async def server_live(self, *, timeout: float | None = None) -> bool:
+        return (await self._call("ServerLive", pb.ServerLiveRequest(),
+                                 self._deadline(timeout))).live
+
+    async def server_ready(self, *, timeout: float | None = None) -> bool:
+        return (await self._call("ServerReady", pb.ServerReadyRequest(),
+                                 self._deadline(timeout))).ready
+
+    async def model_ready(self, model: str, version: str = "", *,
+                          timeout: float | None = None) -> bool:
+        return (await self._call("ModelReady", pb.ModelReadyRequest(name=model, version=version),
+                                 self._deadline(timeout))).ready
+
+    async def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
+        return await self._call("ServerMetadata", pb.ServerMetadataRequest(),
+                                self._deadline(timeout))
+
+    async def wait_until_ready(self, timeout: float = 30.0, poll: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout
+        last = "not ready"
+        while True:
+            try:
+                if await self.server_ready(
+                        timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
+                    return
+            except (Unavailable, DeadlineExceeded) as exc:
+                last = exc.message
+            if time.monotonic() + poll >= deadline:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                  f"server {self.target} not ready after {timeout} s ({last})")
+            await asyncio.sleep(poll)
+
+    async def model_info(self, model: str, version: str = "", *, timeout: float | None = None,
+                         refresh: bool = False) -> ModelInfo:
+        key = (model, version)
+        if refresh or key not in self._infos:
+            deadline = self._deadline(timeout)
+            meta = await self._call("ModelMetadata",
+                                    pb.ModelMetadataRequest(name=model, version=version), deadline)
+            config = (await self._call("ModelConfig",
+                                       pb.ModelConfigRequest(name=model, version=version),
+                                       deadline)).config
+            self._infos[key] = protocol.model_info(version, meta, config)
+        return self._infos[key]
+
+    async def _send_all(self, requests: list[pb.ModelInferRequest], deadline: float
+                        ) -> list[pb.ModelInferResponse]:
+        if len(requests) == 1:
+            return [await self._call("ModelInfer", requests[0], deadline)]
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            async with gate:
+                return await self._call("ModelInfer", req, deadline)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def infer_request(self, request: pb.ModelInferRequest,
+                            timeout: float | None = None) -> pb.ModelInferResponse:
+        """One prepared ModelInferRequest, as is (the load generator's fast path)."""
+        return await self._call("ModelInfer", request, self._deadline(timeout))
+
+    async def predict(self, model: str, images: ImageLike | Sequence[ImageLike], *,
+                      top_k: int = 5, return_logits: bool = False, version: str = "",
+                      timeout: float | None = None) -> list[Prediction]:
+        deadline = self._deadline(timeout)
+        info = await self.model_info(model, version,
+                                     timeout=self._remaining(deadline, "ModelMetadata"))
+        top_k = protocol.check_top_k(top_k, info)
+        requests = self._predict_requests(info, images)
+        logits = self._join(info, requests, await self._send_all(requests, deadline))
+        return protocol.predictions(logits, info, top_k, return_logits)
+
+    async def infer(self, model: str, tensor: np.ndarray, *, version: str = "",
+                    timeout: float | None = None) -> np.ndarray:
+        deadline = self._deadline(timeout)
+        info = await self.model_info(model, version,
+                                     timeout=self._remaining(deadline, "ModelMetadata"))
+        requests = self._tensor_requests(info, tensor)
+        return self._join(info, requests, await self._send_all(requests, deadline))
+
+
+__all__ = ["Client", "AsyncClient", "ModelInfo", "Prediction", "parse_url"]
