@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,8 @@ async def create_server(config: ServerConfig,
                            port), port
 
 
-async def serve(config: ServerConfig, announce: bool = True) -> None:
+async def serve(config: ServerConfig, announce: bool = True,
+                on_started: Callable[[str], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server, port = await create_server(config)
     metrics_server = None
@@ -135,7 +137,15 @@ async def serve(config: ServerConfig, announce: bool = True) -> None:
 
         metrics_server, _ = start_http_server(config.metrics_port, addr=config.host,
                                               registry=server.metrics.read_registry())
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
     await server.start()
+    models = "; ".join(
+        f"model {m.name} version {m.version} on {m.runtime.info.provider} "
+        f"({m.runtime.info.precision}, {m.runtime.info.intra_op_threads} intra-op threads)"
+        for m in server.repository)
     if announce:
         scheme = "grpcs" if config.tls_cert else "grpc"
         for m in server.repository:
@@ -145,10 +155,8 @@ async def serve(config: ServerConfig, announce: bool = True) -> None:
         extra = (f"; metrics on http://{config.host}:{metrics_server.server_port}/metrics"
                  if metrics_server else "")
         print(f"listening on {scheme}://{config.host}:{port}{extra}", flush=True)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
+    if on_started is not None:
+        on_started(f"serving {models}")
     await stop_requested.wait()
     log.info("signal received: draining (grace %.0f s)", config.grace_s)
     await server.stop()

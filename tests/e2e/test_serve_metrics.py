@@ -1,0 +1,64 @@
+"""Prometheus metrics on --metrics-port, and --workers N sharing one port with metrics and
+ModelStatistics that add up across the workers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from cnnctl.protos import grpc_service_pb2 as pb
+from cnnctl.serving.testing import CliServer, infer_request, stub, make_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("metrics") / "lenet5")
+
+
+def scrape(server: CliServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = next(int(m.group(1)) for line in server.lines
+                if (m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line)))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def key(name: str, **extra: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset({"model": "lenet5", "version": "1", **extra}.items())
+
+
+def send(address: str, count: int, images: int) -> pb.ModelStatistics:
+    x = np.zeros((images, 1, 32, 32), dtype=np.float32)
+    for _ in range(count):
+        # a connection of its own each time, so the kernel can pick another worker
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub(ch).ModelInfer(infer_request(x), timeout=30)
+    with grpc.insecure_channel(address) as ch:
+        return stub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="lenet5"),
+                                        timeout=30).model_stats[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_and_statistics_add_up(artifact: Path, workers: int) -> None:
+    with CliServer(str(artifact), "--metrics-port", "0", "--workers", str(workers)) as server:
+        stats = send(server.address, count=8, images=3)
+        samples = scrape(server)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.output()
+    assert (stats.inference_count, stats.inference_stats.success.count) == (24, 8)
+    assert samples[key("cnnctl_requests_total")] == 8
+    assert samples[key("cnnctl_batch_size_sum")] == 24
+    assert samples[key("cnnctl_request_duration_seconds_count", outcome="success")] == 8
+    assert samples[key("cnnctl_queue_duration_seconds_count")] == 8
+    assert samples[key("cnnctl_batch_executions_total", batch_size="3")] == 8
+    assert key("cnnctl_queue_depth") in samples
+    if workers > 1:
+        assert any("(2 workers" in line for line in server.lines)
