@@ -158,33 +158,40 @@ def _list_images(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return items, classes
 
 
+def decode_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One file → uint8 C×H×W, converted to L or RGB and resized bilinearly to ``size`` (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.array(img, dtype=np.uint8)  # a writable copy for torch
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from None
+    return torch.from_numpy(arr.reshape(size[0], size[1], channels)).permute(2, 0, 1)
+
+
 def decode_images(
     paths: list[Path], channels: int, size: tuple[int, int], progress: bool = True
 ) -> torch.Tensor:
     """Decode, convert (L or RGB) and resize each file once into one uint8 N×C×H×W tensor."""
-    from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
-    mode = "L" if channels == 1 else "RGB"
     out = torch.empty((len(paths), channels, *size), dtype=torch.uint8)
     for i, path in enumerate(tqdm(paths, desc="decoding", unit="img", disable=not progress,
                                   leave=False)):
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != (size[1], size[0]):
-                    img = img.resize((size[1], size[0]), Image.BILINEAR)
-                arr = np.array(img, dtype=np.uint8)  # a writable copy for torch
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from None
-        out[i] = torch.from_numpy(arr.reshape(size[0], size[1], channels)).permute(2, 0, 1)
+        out[i] = decode_image(path, channels, size)
     return out
 
 
-def _folder(path: str, split: str, shape: tuple[int, int, int], val_fraction: float,
-            seed: int) -> ImageData:
-    """``PATH/train`` + ``PATH/val|test`` (seed 004's ants/bees layout), or one folder of class
-    subfolders split reproducibly by ``val_fraction`` (its held-out part serves val and test)."""
+def folder_items(path: str, split: str, val_fraction: float, seed: int
+                 ) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The files and labels of a split of ``folder:PATH``: ``PATH/train`` + ``PATH/val|test``
+    (seed 004's ants/bees layout), or one folder of class subfolders split reproducibly by
+    ``val_fraction`` (its held-out part serves val and test). Without ``val/``, the val split is
+    carved out of ``train/``."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset folder {str(root)!r} does not exist")
@@ -207,12 +214,109 @@ def _folder(path: str, split: str, shape: tuple[int, int, int], val_fraction: fl
         n_val = max(1, int(round(len(items) * val_fraction)))
         keep = order[n_val:] if split == "train" else order[:n_val]
         items = [items[i] for i in keep]
-    c, h, w = shape
-    images = decode_images([p for p, _ in items], c, (h, w), progress=len(items) > 500)
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return items, classes
+
+
+class FolderStream(torch.utils.data.Dataset):
+    """Decodes and resizes one image per ``__getitem__``: runs in DataLoader worker processes when a
+    folder is too large to hold decoded in memory (the loop normalises whole batches afterwards)."""
+
+    def __init__(self, items: list[tuple[Path, int]], shape: tuple[int, int, int]) -> None:
+        self.items = items
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        return decode_image(path, self.shape[0], (self.shape[1], self.shape[2])), label
+
+
+@dataclass(frozen=True)
+class StreamedData:
+    """A split read from disk batch by batch: same fields as ImageData but no ``images``."""
+
+    dataset: FolderStream
+    labels: torch.Tensor
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.dataset.shape
+
+
+def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     floats = images.float().div_(255)
     mean = tuple(floats.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(floats.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    std = tuple(floats.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()) if len(images) > 1 \
+        else tuple(1.0 for _ in mean)
+    return mean, std
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images a folder may take in memory: a quarter of what is available."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def _cache_path(items: list[tuple[Path, int]], classes: list[str], shape: tuple[int, int, int]
+                ) -> Path:
+    import hashlib
+
+    h = hashlib.sha256(repr((classes, shape)).encode())
+    for p, label in items:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return default_data_dir() / "folder-cache" / f"{h.hexdigest()[:24]}.pt"
+
+
+def _folder(path: str, split: str, shape: tuple[int, int, int], val_fraction: float,
+            seed: int, stream: str = "auto") -> ImageData | StreamedData:
+    """Small folders are decoded once (progress bar) and cached under the data cache dir, keyed by
+    the files' paths, sizes and mtimes; larger-than-memory ones (or ``stream="stream"``) stream."""
+    items, classes = folder_items(path, split, val_fraction, seed)
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    c, h, w = shape
+    decoded_bytes = len(items) * c * h * w
+    if stream == "stream" or (stream == "auto" and decoded_bytes > memory_budget()):
+        # Normalisation from a fixed random sample: decoding everything just for statistics
+        # would cost a whole extra pass over a dataset too large to hold.
+        pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:512]
+        sample = decode_images([items[i][0] for i in pick.tolist()], c, (h, w), progress=False)
+        log.info("streaming %s %s: %d images (%.1f GB decoded)", path, split, len(items),
+                 decoded_bytes / 1e9)
+        return StreamedData(FolderStream(items, shape), labels, classes, *_stats(sample),
+                            f"folder:{path}")
+    cache = _cache_path(items, classes, shape)
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, weights_only=True)
+            return ImageData(cached["images"], cached["labels"], classes,
+                             tuple(cached["mean"]), tuple(cached["std"]), f"folder:{path}")
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring folder cache %s (%s)", cache, exc)
+    images = decode_images([p for p, _ in items], c, (h, w), progress=len(items) > 200)
+    mean, std = _stats(images)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        torch.save({"images": images, "labels": labels, "mean": list(mean), "std": list(std)}, tmp)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.warning("could not cache decoded folder in %s (%s)", cache.parent, exc)
     return ImageData(images, labels, classes, mean, std, f"folder:{path}")
 
 
@@ -227,12 +331,15 @@ def load_split(
     shape: tuple[int, int, int] | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
-) -> ImageData:
+    stream: str = "memory",
+) -> ImageData | StreamedData:
     """Load ``split`` ("train", "val" or "test") of a dataset as uint8 tensors.
 
     For built-in datasets "val" is a reproducible slice of the training set (``val_fraction``), so
     model selection never looks at the test split. ``shape`` (C, H, W) is what folder images are
-    converted and resized to; built-in datasets keep their native shape."""
+    converted and resized to; built-in datasets keep their native shape. ``stream`` (folder
+    datasets): "memory" decodes everything, "stream" returns a StreamedData read batch by batch,
+    "auto" streams only what would not fit in a quarter of the available memory."""
     check_dataset_name(name)
     if split not in ("train", "val", "test"):
         raise UnknownNameError(f"unknown split {split!r}; known: train, val, test")
@@ -241,7 +348,7 @@ def load_split(
     if name.startswith("folder:"):
         if shape is None:
             raise ShapeError("a folder dataset needs the model's input shape to decode into")
-        return _folder(name[len("folder:"):], split, shape, val_fraction, seed)
+        return _folder(name[len("folder:"):], split, shape, val_fraction, seed, stream)
     loader: Callable[[str], ImageData]
     if name == "mnist-sample":
         loader = _load_sample

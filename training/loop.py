@@ -31,7 +31,8 @@ from torch import nn
 from cnnctl.errors import CheckpointError, UsageError
 from cnnctl.training import checkpoint as ckpt_io
 from cnnctl.training.config import TrainConfig, validate
-from cnnctl.training.data import DATASETS, ImageData, check_compatible, load_split
+from cnnctl.training.data import (DATASETS, ImageData, StreamedData, check_compatible,
+                                  load_split)
 from cnnctl.training.models import build_model, format_shape, get_spec
 from cnnctl.training.transforms import crop_flip, prepare_batch
 
@@ -68,6 +69,7 @@ class RunResult:
     history: list[EpochRecord]
     device: str
     config: TrainConfig
+    model: nn.Module | None = None  # the trained model (unwrapped, last epoch's weights), in train mode
 
 
 @dataclass(frozen=True)
@@ -149,18 +151,16 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> Precision:
 # --- data ------------------------------------------------------------------------------------
 
 
-class MemorySource:
-    """A split held as one uint8 tensor on the device; batches are index slices."""
+class _Source:
+    """Shared batching logic: a per-epoch permutation from the seed, sharded across ranks."""
 
-    def __init__(self, data: ImageData, device: torch.device) -> None:
-        self.images = data.images.to(device, non_blocking=True)
-        self.labels = data.labels.to(device, non_blocking=True)
-        self.device = device
+    labels: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def steps(self, batch_size: int, world: int) -> int:
+        """Full batches per rank (the remainder is dropped; it differs each epoch)."""
         per_rank = len(self) // world
         return max(1, per_rank // batch_size)
 
@@ -170,26 +170,84 @@ class MemorySource:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(len(self), generator=g)
 
-    def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def shard(self, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
         order = self.epoch_order(seed, epoch)
         per_rank = len(self) // world
-        mine = order[: per_rank * world][rank::world].to(self.device)
+        return order[: per_rank * world][rank::world]
+
+    @staticmethod
+    def eval_range(n: int, rank: int, world: int) -> range:
+        return range(n * rank // world, n * (rank + 1) // world)
+
+
+class MemorySource(_Source):
+    """A split held as one uint8 tensor on the device; batches are index slices."""
+
+    def __init__(self, data: ImageData, device: torch.device) -> None:
+        self.images = data.images.to(device, non_blocking=True)
+        self.labels = data.labels.to(device, non_blocking=True)
+        self.device = device
+
+    def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
+                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine = self.shard(seed, epoch, rank, world).to(self.device)
         for i in range(steps):
             index = mine[i * batch_size:(i + 1) * batch_size]
             yield self.images[index], self.labels[index]
 
     def eval_batches(self, batch_size: int, rank: int, world: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        start, stop = n * rank // world, n * (rank + 1) // world
-        for i in range(start, stop, batch_size):
-            j = min(i + batch_size, stop)
+        span = self.eval_range(len(self), rank, world)
+        for i in range(span.start, span.stop, batch_size):
+            j = min(i + batch_size, span.stop)
             yield self.images[i:j], self.labels[i:j]
+
+    def sample(self, k: int) -> torch.Tensor:
+        return self.images[:k]
+
+
+class StreamSource(_Source):
+    """A folder too large for memory: DataLoader workers decode and resize, batches arrive as uint8
+    in pinned memory and are copied without blocking; the device does the rest as for MemorySource."""
+
+    def __init__(self, data: StreamedData, device: torch.device, workers: int) -> None:
+        self.dataset = data.dataset
+        self.labels = data.labels
+        self.device = device
+        self.workers = workers
+
+    def _load(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+    def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
+                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine = self.shard(seed, epoch, rank, world).tolist()
+        return self._load([mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
+
+    def eval_batches(self, batch_size: int, rank: int, world: int
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        span = self.eval_range(len(self), rank, world)
+        return self._load([list(range(i, min(i + batch_size, span.stop)))
+                           for i in range(span.start, span.stop, batch_size)])
+
+    def sample(self, k: int) -> torch.Tensor:
+        return torch.stack([self.dataset[i][0] for i in range(min(k, len(self)))]).to(self.device)
+
+
+def make_source(data: ImageData | StreamedData, device: torch.device, workers: int = 2
+                ) -> MemorySource | StreamSource:
+    if isinstance(data, StreamedData):
+        return StreamSource(data, device, workers)
+    return MemorySource(data, device)
 
 
 def _load_data(config: TrainConfig, input_shape: tuple[int, int, int]
-               ) -> tuple[ImageData, ImageData]:
+               ) -> tuple[ImageData | StreamedData, ImageData | StreamedData]:
     info = DATASETS.get(config.dataset)
     if info is not None and info.shape is not None and info.shape[0] != input_shape[0]:
         # Before reading anything: a channel mismatch is known from the dataset's description.
@@ -200,7 +258,7 @@ def _load_data(config: TrainConfig, input_shape: tuple[int, int, int]
     # The validation slice is fixed (seed 0), not tied to --seed: runs with different seeds are
     # selected on the same held-out images.
     kwargs: dict[str, Any] = dict(data_dir=config.data_dir, shape=input_shape,
-                                  val_fraction=config.val_fraction, seed=0)
+                                  val_fraction=config.val_fraction, seed=0, stream=config.stream)
     train_data = load_split(config.dataset, "train", **kwargs)
     val_data = load_split(config.dataset, "val", **kwargs)
     check_compatible(config.model, input_shape, train_data)
@@ -253,7 +311,7 @@ def _make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps:
 
 def evaluate(
     model: nn.Module,
-    data: ImageData | MemorySource,
+    data: ImageData | StreamedData | MemorySource | StreamSource,
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "cpu",
@@ -272,9 +330,8 @@ def evaluate(
     (H, W; default: the model's input hook would reject a wrong size, so pass the checkpoint's).
     Under DDP each rank evaluates its share and the sums are all-reduced."""
     device = torch.device(device)
-    source = data if isinstance(data, MemorySource) else MemorySource(data, device)
-    names = list(class_names if class_names is not None else
-                 (data.class_names if isinstance(data, ImageData) else []))
+    source = data if isinstance(data, _Source) else make_source(data, device)
+    names = list(class_names if class_names is not None else getattr(data, "class_names", []))
     num_classes = len(names) if names else 0
     was_training = model.training
     model.eval()
@@ -471,8 +528,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    train_src = MemorySource(train_data, device)
-    val_src = MemorySource(val_data, device)
+    train_src = make_source(train_data, device, config.workers)
+    val_src = make_source(val_data, device, config.workers)
     steps = train_src.steps(local_batch, world)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
@@ -632,7 +689,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
         dist.barrier()
     return RunResult(run_dir=run_dir, best_path=best_path, last_path=last_path,
                      best_epoch=best_epoch, best_val_acc=best_acc, history=history,
-                     device=str(device), config=config)
+                     device=str(device), config=config, model=model)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -653,7 +710,8 @@ def _load_start_weights(model: nn.Module, config: TrainConfig) -> None:
         raise CheckpointError(f"--state-dict {config.state_dict}: {exc}") from None
 
 
-def _tensorboard(run_dir: Path, model: nn.Module, source: MemorySource, mean: list[float],
+def _tensorboard(run_dir: Path, model: nn.Module, source: MemorySource | StreamSource,
+                 mean: list[float],
                  std: list[float], size: tuple[int, int], precision: Precision,
                  device: torch.device) -> Any:
     """Scalars every epoch, plus once: a grid of sample inputs and the model graph (seed 004)."""
@@ -663,7 +721,7 @@ def _tensorboard(run_dir: Path, model: nn.Module, source: MemorySource, mean: li
         raise UsageError(f"--tensorboard needs the tensorboard package ({exc}); "
                          f"pip install tensorboard") from None
     writer = SummaryWriter(log_dir=str(run_dir))
-    images = source.images[:32]
+    images = source.sample(32)
     grid = images.float().div(255)
     if tuple(grid.shape[-2:]) != size:
         grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)

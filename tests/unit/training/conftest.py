@@ -36,3 +36,9 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_folder(tmp_path / "images", **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-folder caches go to a temp dir, not the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
