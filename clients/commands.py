@@ -1,0 +1,149 @@
+"""``cnnctl predict`` and ``cnnctl bench``.
+
+This module is imported for ``cnnctl predict``, so at import it loads click and nothing else; the
+client (grpc, numpy) loads when a command runs, and torch never does (tests/unit/clients checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cnnctl.errors import UsageError
+
+SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)."
+
+
+def _tls_options(f: Any) -> Any:
+    f = click.option("--server-name", default=None,
+                     help="TLS: the name the server's certificate is for, if not the host.")(f)
+    f = click.option("--root-certs", type=click.Path(dir_okay=False), default=None,
+                     help="TLS: PEM file of root certificates to trust (implies --tls).")(f)
+    f = click.option("--tls", is_flag=True, help="Connect over TLS (system roots unless "
+                     "--root-certs).")(f)
+    return f
+
+
+def _expand_paths(paths: tuple[str, ...]) -> list[Path]:
+    from cnnctl.clients.images import list_images
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(list_images(p))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UsageError(f"image {str(p)!r} does not exist")
+    return out
+
+
+@click.command()
+@click.option("--server", default="127.0.0.1:8001", show_default=True, help=SERVER_HELP)
+@click.option("--model", required=True, help="Served model name.")
+@click.option("--model-version", "version", default="", help="Model version (default: latest).")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--logits", is_flag=True, help="Include the raw logits (with --json).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Deadline for the whole call (s).")
+@click.option("--preprocess", type=click.Choice(["server", "client"]), default="server",
+              show_default=True, help="Send encoded images (server decodes) or float tensors.")
+@_tls_options
+def predict(server: str, model: str, version: str, images: tuple[str, ...], top_k: int,
+            as_json: bool, logits: bool, timeout: float, preprocess: str, tls: bool,
+            root_certs: str | None, server_name: str | None) -> None:
+    """Classify IMAGE files (PNG/JPEG, or folders of them) on a running server."""
+    from cnnctl.clients.client import Client
+
+    paths = _expand_paths(images)
+    with Client(server, timeout=timeout, tls=tls, root_certificates=root_certs,
+                server_name=server_name, preprocess=preprocess) as client:
+        results = client.predict(model, paths, top_k=top_k, return_logits=logits,
+                                 version=version)
+    if as_json:
+        doc = {"server": server, "model": model,
+               "predictions": [{"image": str(p), **r.to_json()} for p, r in zip(paths, results)]}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    width = max(len(str(p)) for p in paths)
+    click.echo(f"{'IMAGE':<{width}}  {'LABEL':<12} {'PROB':>6}  TOP-{top_k}")
+    for p, r in zip(paths, results):
+        rest = ", ".join(f"{lb} {pr:.2f}" for lb, pr in zip(r.labels, r.probabilities))
+        click.echo(f"{str(p):<{width}}  {r.label:<12} {r.probability:>6.3f}  {rest}")
+
+
+def _concurrency_list(value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, "
+                                 f"e.g. 1,8,64") from None
+    if not levels or any(c < 1 or c > 1024 for c in levels):
+        raise click.BadParameter(f"{value!r}: each level must be 1-1024")
+    return levels
+
+
+@click.command()
+@click.option("--server", default="127.0.0.1:8001", show_default=True, help=SERVER_HELP)
+@click.option("--model", default=None, help="Served model name (needed unless --in-process only).")
+@click.option("--model-version", "version", default="")
+@click.option("--concurrency", default="1,8,64", show_default=True,
+              help="Requests in flight, one run per level (comma-separated).")
+@click.option("--duration", type=click.FloatRange(min=0.1, max=600), default=5.0,
+              show_default=True, help="Measured seconds per level.")
+@click.option("--warmup", type=click.FloatRange(min=0, max=60), default=1.0, show_default=True,
+              help="Unmeasured seconds before each level.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Images per request.")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
+              help="Send these images (encoded, cycled) instead of random FP32 tensors.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=1_000_000,
+              show_default=True, help="Stop a level after this many requests, whatever the time.")
+@click.option("--in-process", "artifact_dir", type=click.Path(file_okay=False), default=None,
+              help="Also time ONNX Runtime on this artifact's ONNX file in-process (the ceiling).")
+@click.option("--grpc/--no-grpc", "use_grpc", default=True, show_default=True,
+              help="Load the server (--no-grpc with --in-process: ceiling only).")
+@click.option("--json", "as_json", is_flag=True, help="Results as JSON on stdout.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON results to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write throughput/latency plots (PNG; needs matplotlib).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_tls_options
+def bench(server: str, model: str | None, version: str, concurrency: str, duration: float,
+          warmup: float, batch: int, images_dir: str | None, max_requests: int,
+          artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
+          plot: str | None, progress: bool, tls: bool, root_certs: str | None,
+          server_name: str | None) -> None:
+    """Throughput and p50/p90/p99 latency of a running server at each concurrency level."""
+    from cnnctl.clients import bench as b
+
+    levels = _concurrency_list(concurrency)
+    if use_grpc and not model:
+        raise UsageError("--model is required to load a server (or --no-grpc --in-process DIR)")
+    if not use_grpc and not artifact_dir:
+        raise UsageError("--no-grpc measures nothing without --in-process ARTIFACT_DIR")
+    config = b.BenchConfig(
+        server=server, model=model or "", version=version, levels=tuple(levels),
+        duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
+        max_requests=max_requests, progress=progress and not as_json, tls=tls,
+        root_certificates=root_certs, server_name=server_name)
+    rows = b.run_grpc(config) if use_grpc else []
+    if artifact_dir:
+        rows += b.run_in_process(artifact_dir, config)
+    doc = b.to_json(config, rows)
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    if plot:
+        b.plot(rows, plot, title=f"{model or Path(artifact_dir or '').name} on {server}")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(b.table(rows))
+        if plot:
+            click.echo(f"plot: {plot}")
