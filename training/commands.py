@@ -208,6 +208,8 @@ def evaluate(checkpoint: str, dataset: str | None, data_dir: str | None, split: 
     """Accuracy and per-class accuracy of CHECKPOINT on a dataset's test split."""
     import time
 
+    import torch
+
     from cnnctl.errors import ShapeError, UsageError
     from cnnctl.training.checkpoint import import_state_dict, load_checkpoint, model_from_checkpoint
     from cnnctl.training.data import check_compatible, load_split
@@ -225,12 +227,13 @@ def evaluate(checkpoint: str, dataset: str | None, data_dir: str | None, split: 
     if len(data.class_names) != n_classes:
         raise ShapeError(f"checkpoint {checkpoint} has {n_classes} classes; dataset {dataset} has "
                          f"{len(data.class_names)}")
-    net = model_from_checkpoint(ckpt, device=dev)
+    net = model_from_checkpoint(ckpt, device=dev).to(memory_format=torch.channels_last)
     norm = ckpt["normalization"]
     started = time.perf_counter()
     result = run_eval(net, data, norm["mean"], norm["std"], dev,
                       batch_size or default_eval_batch(ckpt["model"]),
-                      size=(shape[1], shape[2]), class_names=ckpt["class_names"])
+                      size=(shape[1], shape[2]), class_names=ckpt["class_names"],
+                      channels_last=True)
     seconds = time.perf_counter() - started
     out = {"accuracy": result["accuracy"], "n": result["n"], "correct": result["correct"],
            "loss": result["loss"], "model": ckpt["model"], "dataset": dataset, "split": split,

@@ -730,9 +730,13 @@ def _tensorboard(run_dir: Path, model: nn.Module, source: MemorySource | StreamS
     if precision.channels_last:
         sample = sample.contiguous(memory_format=torch.channels_last)
     try:
+        import warnings
+
         was = model.training
         model.eval()
-        writer.add_graph(model, sample)
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns about itself
+            warnings.simplefilter("ignore")
+            writer.add_graph(model, sample)
         model.train(was)
     except Exception as exc:  # tracing is best effort: a graph that fails must not stop training
         log.warning("tensorboard: could not trace the model graph (%s)", exc)
