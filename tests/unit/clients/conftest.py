@@ -1,0 +1,97 @@
+"""Client fixtures: a random-weight artifact (built once), and real servers on 127.0.0.1:0 running
+in a background event loop, so the blocking Client can call them from the test thread."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cnnctl.serving.config import ServerConfig
+from cnnctl.serving.testing import config_for, make_artifact
+
+
+class ServerThread:
+    """cnnctl's gRPC server (create_server) on its own event loop thread; ``stop()`` drains it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        from cnnctl.serving.server import create_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> tuple[Any, int]:
+            server, port = await create_server(config)
+            await server.start()
+            return server, port
+
+        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=2), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("client-artifacts") / "lenet5", "lenet5")
+
+
+@pytest.fixture(scope="module")
+def server(artifact: Path) -> Iterator[ServerThread]:
+    # max_batch_size 8: a 20-image call must arrive as three requests.
+    with ServerThread(config_for(artifact, max_batch_size=8)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def reference(artifact: Path) -> Any:
+    """In-process ONNX Runtime on the served file: what the logits over the wire must equal."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"input": np.asarray(x, dtype=np.float32)})[0]
+
+
+@pytest.fixture(scope="session")
+def digits() -> np.ndarray:
+    """Eight real MNIST test digits (uint8, 8×28×28) from the embedded sample."""
+    from importlib import resources
+
+    with resources.files("cnnctl.training").joinpath("sample/mnist_sample.npz").open("rb") as f:
+        return np.load(f)["test_images"][:8].copy()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl CLI); (cert, key)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            check=True, capture_output=True, timeout=60)
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a test certificate: {exc}")
+    return cert, key

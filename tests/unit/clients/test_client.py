@@ -1,0 +1,312 @@
+"""Client and AsyncClient against a real cnnctl server on 127.0.0.1:0: every image kind, top-k,
+logits equal to in-process ONNX Runtime, metadata, readiness, chunking, TLS, and every error type
+with its status code and the server's exact message."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnctl.clients import errors
+from cnnctl.clients.client import AsyncClient, Client, parse_url
+from cnnctl.clients.images import encode_png, expand
+from cnnctl.errors import ShapeError, UsageError
+from cnnctl.export.manifest import load_manifest
+from cnnctl.serving.preprocess import decode_images
+from cnnctl.serving.testing import config_for
+
+from .conftest import ServerThread
+
+
+def _server_view(artifact: Path, images: np.ndarray) -> np.ndarray:
+    """What the server computes from these uint8 digits: its own PNG decoding + normalisation."""
+    spec = load_manifest(artifact).image
+    return decode_images([encode_png(x) for x in expand(list(images))], spec, "input")
+
+
+def _count_infers(client: Any) -> list[int]:
+    calls = [0]
+    original = client._call
+
+    def counting(method: str, request: Any, deadline: float) -> Any:
+        calls[0] += method == "ModelInfer"
+        return original(method, request, deadline)
+
+    client._call = counting
+    return calls
+
+
+def test_parse_url() -> None:
+    assert parse_url("localhost:9000") == ("localhost:9000", False)
+    assert parse_url("grpcs://example.org:443") == ("example.org:443", True)
+    assert parse_url("grpc://h:1") == ("h:1", False)
+    assert parse_url("myhost") == ("myhost:8001", False)
+    with pytest.raises(UsageError, match=r"^server address 'http://h:1': unknown scheme"):
+        parse_url("http://h:1")
+    with pytest.raises(UsageError, match=r"^server address 'h:0' is not host:port"):
+        parse_url("h:0")
+
+
+def test_health_and_metadata(server: ServerThread) -> None:
+    with Client(server.address) as c:
+        assert c.server_live() and c.server_ready()
+        assert c.model_ready("lenet5") and not c.model_ready("nope")
+        assert c.server_metadata().name == "cnnctl"
+        info = c.model_info("lenet5")
+        assert (info.input_name, info.input_shape, info.output_name) == (
+            "input", (-1, 1, 32, 32), "logits")
+        assert info.max_batch_size == 8 and info.versions == ("1",)
+        assert info.class_names == tuple(str(i) for i in range(10))
+
+
+def test_every_image_kind_gives_the_same_answer(server: ServerThread, artifact: Path,
+                                                digits: np.ndarray, reference: Any,
+                                                tmp_path: Path) -> None:
+    d = digits[3]
+    path = tmp_path / "d.png"
+    Image.fromarray(d).save(path)
+    kinds = {
+        "path": path, "str": str(path), "bytes": path.read_bytes(), "pil": Image.fromarray(d),
+        "uint8 HxW": d, "uint8 HxWx1": d[:, :, None], "uint8 1xHxW": d[None],
+        "float HxW": d.astype(np.float32) / 255, "jpeg-ish RGB PIL": Image.fromarray(d).convert(
+            "RGB"),
+    }
+    want = reference(_server_view(artifact, d[None]))[0]
+    with Client(server.address) as c:
+        for kind, image in kinds.items():
+            [p] = c.predict("lenet5", image, return_logits=True)
+            np.testing.assert_allclose(p.logits, want, rtol=1e-5, atol=1e-5, err_msg=kind)
+            assert p.class_id == int(np.argmax(want)), kind
+
+
+def test_top_k_probabilities_and_logits_match_onnxruntime(server: ServerThread, artifact: Path,
+                                                          digits: np.ndarray,
+                                                          reference: Any) -> None:
+    want = reference(_server_view(artifact, digits))
+    probs = np.exp(want - want.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    with Client(server.address) as c:
+        results = c.predict("lenet5", digits[:, None], top_k=3, return_logits=True)
+    assert len(results) == len(digits)
+    for r, w, p in zip(results, want, probs):
+        np.testing.assert_allclose(r.logits, w, rtol=1e-5, atol=1e-5)
+        top = np.argsort(-p)[:3]
+        assert list(r.class_ids) == list(top)
+        assert r.labels == tuple(str(i) for i in top)
+        np.testing.assert_allclose(r.probabilities, p[top], rtol=1e-5)
+
+
+def test_infer_tensor_equals_onnxruntime(server: ServerThread, reference: Any) -> None:
+    x = np.random.default_rng(0).standard_normal((5, 1, 32, 32), dtype=np.float32)
+    with Client(server.address) as c:
+        np.testing.assert_allclose(c.infer("lenet5", x), reference(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c.infer("lenet5", x[0]), reference(x[:1]), rtol=1e-5,
+                                   atol=1e-5)
+        with pytest.raises(ShapeError, match=r"^tensor of shape \[5, 1, 28, 28\] does not fit "
+                                             r"model 'lenet5' input \[-1, 1, 32, 32\]"):
+            c.infer("lenet5", np.zeros((5, 1, 28, 28), np.float32))
+
+
+def test_client_side_preprocessing_needs_the_published_spec(server: ServerThread,
+                                                            digits: np.ndarray) -> None:
+    with Client(server.address, preprocess="client") as c:
+        with pytest.raises(UsageError, match=r"^model 'lenet5' does not publish its image "
+                                             r"preprocessing \(ModelConfig parameter 'image'\)"):
+            c.predict("lenet5", digits[0])
+
+
+def test_large_inputs_are_split_to_the_servers_max_batch(server: ServerThread,
+                                                         digits: np.ndarray) -> None:
+    images = np.concatenate([digits] * 3)[:20]  # 20 images; the server batches at most 8
+    with Client(server.address) as c:
+        calls = _count_infers(c)
+        chunked = c.predict("lenet5", list(images), return_logits=True)
+        assert calls[0] == 3  # 8 + 8 + 4
+        one_by_one = [c.predict("lenet5", x, return_logits=True)[0] for x in images[:4]]
+    assert len(chunked) == 20
+    for a, b in zip(chunked[:4], one_by_one):
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_large_tensors_are_split_to_the_message_size(artifact: Path, reference: Any) -> None:
+    # 300 × 4 KiB of FP32 = 1.2 MB: over a 1 MiB message, so the client sends two requests.
+    x = np.random.default_rng(1).standard_normal((300, 1, 32, 32), dtype=np.float32)
+    with ServerThread(config_for(artifact, max_message_mb=1, max_batch_size=512)) as s:
+        with Client(s.address, max_message_bytes=1 << 20) as c:
+            calls = _count_infers(c)
+            np.testing.assert_allclose(c.infer("lenet5", x), reference(x), rtol=1e-5, atol=1e-5)
+            assert calls[0] == 2
+        # A client that allows bigger messages than the server gets the server's refusal.
+        with Client(s.address, max_message_bytes=16 << 20) as c:
+            with pytest.raises(errors.ResourceExhausted) as info:
+                c.infer("lenet5", x)
+            assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.message.startswith("SERVER: Received message larger than max (")
+            assert info.value.message.endswith(" vs. 1048576)")
+
+
+def test_unknown_model_and_version_are_not_found(server: ServerThread) -> None:
+    with Client(server.address) as c:
+        with pytest.raises(errors.NotFound) as info:
+            c.predict("lenet6", np.zeros((28, 28), np.uint8))
+        assert info.value.code is grpc.StatusCode.NOT_FOUND
+        assert str(info.value) == "unknown model 'lenet6'; served models: lenet5"
+        assert info.value.attempts == 1  # never retried
+        with pytest.raises(errors.NotFound, match=r"^model 'lenet5' has no version '7'; served "
+                                                  r"versions: 1$"):
+            c.model_info("lenet5", "7")
+
+
+def test_bad_inputs_are_invalid_argument_with_the_servers_message(server: ServerThread) -> None:
+    with Client(server.address) as c:
+        with pytest.raises(errors.InvalidArgument) as info:
+            c.predict("lenet5", b"not an image at all")
+        assert str(info.value) == ("input 'input': element 0 (19 bytes) is not a decodable PNG or "
+                                   "JPEG image (unrecognised format)")
+        assert info.value.attempts == 1
+        gif = io.BytesIO()
+        Image.new("L", (28, 28)).save(gif, format="GIF")
+        with pytest.raises(errors.InvalidArgument, match=r"^input 'input': element 0 is a GIF "
+                                                         r"image; allowed: PNG, JPEG$"):
+            c.predict("lenet5", gif.getvalue())
+
+
+def test_bad_shape_from_a_raw_request_is_invalid_argument(server: ServerThread) -> None:
+    from cnnctl.clients import protocol
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as c:
+            info = await c.model_info("lenet5")
+            req = protocol.tensor_request(info, np.zeros((2, 1, 28, 28), np.float32))
+            with pytest.raises(errors.InvalidArgument) as exc:
+                await c.infer_request(req)
+            assert exc.value.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert str(exc.value) == ("input 'input': shape [2, 1, 28, 28] does not match the "
+                                      "model's [-1, 1, 32, 32] (-1: any batch size from 1)")
+
+    asyncio.run(main())
+
+
+def test_deadline_and_queue_full(artifact: Path) -> None:
+    # A 300 ms batching window: a lone request waits in the queue long enough to time out, and a
+    # one-place queue is full while it waits.
+    cfg = config_for(artifact, max_queue_size=1, max_queue_delay_ms=300)
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    with ServerThread(cfg) as s:
+        with Client(s.address) as c:
+            c.model_info("lenet5")
+            start = time.monotonic()
+            with pytest.raises(errors.DeadlineExceeded) as info:
+                c.infer("lenet5", x, timeout=0.1)
+            assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert str(info.value) == "Deadline Exceeded"
+            assert time.monotonic() - start < 0.29  # not retried, not waited out
+        time.sleep(0.4)  # the expired request leaves the queue when its batch window closes
+
+        async def full() -> None:
+            async with AsyncClient(s.address) as ac:
+                await ac.model_info("lenet5")
+                waiting = asyncio.ensure_future(ac.infer("lenet5", x))
+                await asyncio.sleep(0.1)
+                with pytest.raises(errors.ResourceExhausted) as exc:
+                    await ac.infer("lenet5", x)
+                assert str(exc.value) == ("model 'lenet5' queue is full (1 requests waiting); "
+                                          "retry later or raise --max-queue-size")
+                assert exc.value.attempts == 1
+                assert (await waiting).shape == (1, 10)
+
+        asyncio.run(full())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_server_down_is_unavailable_after_retries_with_backoff() -> None:
+    port = _closed_port()
+    with Client(f"127.0.0.1:{port}", retries=3, backoff=0.05, max_backoff=1.0) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable) as info:
+            c.server_ready()
+        elapsed = time.monotonic() - start
+    assert info.value.attempts == 4
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert str(info.value).endswith("(gave up after 4 attempts)")
+    assert elapsed >= 0.05 + 0.1 + 0.2  # three backoffs, doubling
+    with Client(f"127.0.0.1:{port}", retries=0) as c:
+        with pytest.raises(errors.Unavailable) as info:
+            c.predict("lenet5", np.zeros((28, 28), np.uint8))
+    assert info.value.attempts == 1 and "gave up" not in str(info.value)
+
+
+def test_retries_never_outlive_the_deadline() -> None:
+    with Client(f"127.0.0.1:{_closed_port()}", retries=50, backoff=0.1, max_backoff=0.1) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable) as info:
+            c.server_live(timeout=0.5)
+        assert time.monotonic() - start < 0.8
+        assert 2 <= info.value.attempts <= 6
+
+
+def test_tls(artifact: Path, tls_files: tuple[Path, Path], digits: np.ndarray) -> None:
+    cert, key = tls_files
+    with ServerThread(config_for(artifact, tls_cert=str(cert), tls_key=str(key))) as s:
+        with Client(s.address, root_certificates=cert) as c:
+            assert c.tls and c.server_ready()
+            assert len(c.predict("lenet5", digits[:2][:, None])) == 2
+        with Client(f"grpcs://{s.address}", root_certificates=cert.read_bytes(),
+                    server_name="localhost") as c:
+            assert c.server_live()
+        # Without the root that signed it, the handshake fails: UNAVAILABLE, after its retries.
+        with Client(s.address, tls=True, retries=1, backoff=0.01) as c:
+            with pytest.raises(errors.Unavailable) as info:
+                c.server_live(timeout=5)
+            assert info.value.attempts == 2
+        with pytest.raises(UsageError, match=r"^cannot read root certificates '/nonexistent.pem'"):
+            Client(s.address, root_certificates="/nonexistent.pem")
+
+
+def test_async_client_same_answers_and_concurrent_chunks(server: ServerThread,
+                                                         digits: np.ndarray) -> None:
+    images = list(np.concatenate([digits, digits, digits]))  # 24 images: three chunks of 8
+    with Client(server.address) as c:
+        want = c.predict("lenet5", images, top_k=2, return_logits=True)
+
+    async def main() -> None:
+        async with AsyncClient(server.address, max_in_flight=3) as ac:
+            assert await ac.server_live() and await ac.server_ready()
+            assert await ac.model_ready("lenet5")
+            await ac.wait_until_ready(timeout=5)
+            got, again = await asyncio.gather(
+                ac.predict("lenet5", images, top_k=2, return_logits=True),
+                ac.predict("lenet5", images[:1], top_k=2))
+            assert [g.labels for g in got] == [w.labels for w in want]
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g.logits, w.logits, rtol=1e-5, atol=1e-5)
+            assert again[0].labels == want[0].labels
+            with pytest.raises(errors.NotFound, match="^unknown model 'x'; served models: lenet5$"):
+                await ac.predict("x", images[:1])
+
+    asyncio.run(main())
+
+
+def test_bad_client_settings_name_the_value() -> None:
+    for kwargs, message in [
+        ({"timeout": 0}, "timeout must be positive seconds, got 0"),
+        ({"retries": -1}, "retries must be 0 or more, got -1"),
+        ({"preprocess": "gpu"}, "preprocess 'gpu' is not known; allowed: server, client"),
+        ({"max_message_bytes": 10}, "max_message_bytes 10 is below the 1 MiB minimum"),
+    ]:
+        with pytest.raises(UsageError, match=f"^{message}$"):
+            Client("127.0.0.1:1", **kwargs)
