@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -229,4 +230,9 @@ def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
     out.parameters["precision"].string_value = info.precision
     out.parameters["intra_op_threads"].string_value = str(info.intra_op_threads)
     out.parameters["model"].string_value = man.model
+    # What a client needs to label results and preprocess on its side (clients/protocol.py).
+    out.parameters["class_names"].string_value = json.dumps(man.class_names)
+    out.parameters["image"].string_value = json.dumps({
+        "channels": man.image.channels, "height": man.image.height, "width": man.image.width,
+        "mean": man.image.mean, "std": man.image.std})
     return out
