@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,12 @@ def test_demo_quick_run_agrees_over_the_wire(tmp_path: Path) -> None:
     assert acc["over_the_wire"] > 0.5  # 15 steps already learn most digits; chance is 0.1
     assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
     assert (out / "artifact" / "manifest.json").is_file() and (out / "run" / "best.pt").is_file()
+    assert (out / "artifact" / "model.onnx").is_file() and (out / "artifact" / "model.pt").is_file()
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CNNCTL_SLOW") != "1",
+                    reason="the README's full demo (~50 s on 2 cores); CNNCTL_SLOW=1 runs it")
 def test_demo_default_prints_the_over_the_wire_accuracy() -> None:
     r = run_demo(timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
