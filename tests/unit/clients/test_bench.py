@@ -1,0 +1,54 @@
+"""cnnctl bench against a real server: every level measured, bounded in time and count."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cnnctl.clients import bench as b
+from cnnctl.clients.commands import bench
+
+from .conftest import ServerThread
+
+
+def test_levels_are_measured_and_bounded(server: ServerThread, artifact: Path) -> None:
+    config = b.BenchConfig(server=server.address, model="lenet5", levels=(1, 4), duration_s=0.6,
+                           warmup_s=0.1, progress=False)
+    start = time.monotonic()
+    rows = b.run_grpc(config)
+    assert time.monotonic() - start < 4
+    assert [(r.mode, r.concurrency, r.errors) for r in rows] == [("grpc", 1, 0), ("grpc", 4, 0)]
+    for r in rows:
+        assert r.requests > 0 and 0 < r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert abs(r.images_per_s - r.requests / r.duration_s) < 1e-6
+    capped = b.run_grpc(b.BenchConfig(server=server.address, model="lenet5", levels=(2,),
+                                      duration_s=30, warmup_s=0, max_requests=20, progress=False))
+    assert capped[0].requests <= 20
+
+
+def test_cli_json_images_in_process_and_plot(server: ServerThread, artifact: Path,
+                                             tmp_path: Path, digits) -> None:
+    from PIL import Image
+
+    for i, d in enumerate(digits[:4]):
+        Image.fromarray(d).save(tmp_path / f"{i}.png")
+    plot = tmp_path / "bench.png"
+    result = CliRunner().invoke(bench, [
+        "--server", server.address, "--model", "lenet5", "--concurrency", "1,2",
+        "--duration", "0.3", "--warmup", "0", "--batch", "2", "--images", str(tmp_path),
+        "--in-process", str(artifact), "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    modes = [(r["mode"], r["concurrency"], r["batch"]) for r in doc["results"]]
+    assert modes == [("grpc", 1, 2), ("grpc", 2, 2), ("in-process", 1, 2), ("in-process", 1, 4)]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in doc["results"])
+    assert plot.stat().st_size > 10_000
+
+
+def test_bad_concurrency_names_the_value() -> None:
+    result = CliRunner().invoke(bench, ["--model", "m", "--concurrency", "1,x"])
+    assert result.exit_code == 2
+    assert "'1,x' is not a comma-separated list of integers, e.g. 1,8,64" in result.output
