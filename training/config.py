@@ -29,6 +29,7 @@ class TrainConfig:
     out: str | None = None  # run directory; None: runs/<model>-<timestamp>
     # The recipe (None in from_flags means "the model's default").
     epochs: int = 3
+    min_steps: int = 0  # recipe's floor on total steps when --epochs was not given (0: none)
     batch_size: int = 128  # global: split evenly across processes under DDP
     lr: float = 0.01  # peak learning rate
     optimizer: str = "sgd"
@@ -81,7 +82,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_RECIPE_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
+_RECIPE_FIELDS = ("epochs", "min_steps", "batch_size", "lr", "optimizer", "schedule", "momentum",
                   "weight_decay", "label_smoothing", "milestones", "gamma", "augment")
 
 
@@ -97,6 +98,8 @@ def from_flags(model: str, **flags: Any) -> TrainConfig:
     if getattr(spec.recipe, "crop_padding", None) is not None:
         values["crop_padding"] = spec.recipe.crop_padding
     values.update({k: v for k, v in flags.items() if v is not None})
+    if flags.get("epochs") is not None:
+        values["min_steps"] = 0  # an explicit --epochs is taken as given
     for key in ("milestones", "crop_padding"):
         if key in values:
             values[key] = tuple(int(v) for v in values[key])
@@ -128,6 +131,8 @@ def validate(config: TrainConfig) -> None:
             continue
         if not isinstance(value, int) or value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if config.min_steps < 0:
+        raise UsageError(f"min_steps must be ≥ 0, got {config.min_steps}")
     if config.max_steps_per_epoch is not None and config.max_steps_per_epoch <= 0:
         raise UsageError(f"max_steps_per_epoch must be positive, got {config.max_steps_per_epoch}")
     if not config.lr > 0:

@@ -533,6 +533,11 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     steps = train_src.steps(local_batch, world)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
+    if config.min_steps and resume_ckpt is None and config.epochs * steps < config.min_steps:
+        epochs = -(-config.min_steps // steps)
+        log.info("%d epochs of %d steps are fewer than the recipe's %d steps: %d epochs",
+                 config.epochs, steps, config.min_steps, epochs)
+        config = config.replace(epochs=epochs, min_steps=0)  # saved resolved: resume agrees
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(config, params)
     scheduler, per_step = _make_schedule(config, optimizer, steps)

@@ -48,3 +48,8 @@ def test_bad_values_are_named(flags: dict, message: str) -> None:
 def test_unknown_model_lists_the_zoo() -> None:
     with pytest.raises(UnknownNameError, match="unknown model 'lenet6'; known: lenet-classic"):
         from_flags("lenet6")
+
+
+def test_min_steps_applies_only_without_explicit_epochs() -> None:
+    assert from_flags("resnet-mini").min_steps == 250
+    assert from_flags("resnet-mini", epochs=2).min_steps == 0

@@ -29,9 +29,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet-mini": ("mnist-sample", {}),
     "cifar-net": ("folder", {}),
     "cifar-net-v3": ("folder", {}),
-    # 134M parameters: one step of batch 2, SGD without momentum so the checkpoint holds no buffers.
+    # 134M parameters: one step of batch 2, SGD without momentum so the checkpoint holds no buffers;
+    # seed 004's transfer recipe: pretrained weights (head replaced), features frozen.
     "vgg16": ("folder", {"batch_size": 2, "max_steps_per_epoch": 1, "momentum": 0.0,
-                         "eval_batch_size": 2}),
+                         "eval_batch_size": 2, "freeze_features": True}),
 }
 
 
@@ -64,6 +65,14 @@ def test_model_trains_and_checkpoint_round_trips(
         dataset = f"folder:{image_folder(size=size, per_class=per_class)}"
     else:
         dataset = kind
+    pretrained: dict[str, torch.Tensor] = {}
+    if name == "vgg16":
+        from torchvision.models import vgg16
+
+        torch.manual_seed(5)
+        pretrained = vgg16(weights=None).state_dict()  # stands in for ImageNet's 1000-class file
+        torch.save(pretrained, tmp_path / "vgg16.pth")
+        extra = {**extra, "weights": str(tmp_path / "vgg16.pth")}
     config = from_flags(name, dataset=dataset, out=str(tmp_path / "run"),
                         **{**QUICK, "val_fraction": 0.34, **extra})
     from cnnctl.training.models import get_spec
@@ -91,6 +100,13 @@ def test_model_trains_and_checkpoint_round_trips(
     assert ckpt["epoch"] == 1 and ckpt["optimizer"] is not None
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
     assert all(v.device.type == "cpu" for v in ckpt["state_dict"].values())
+    if pretrained:  # --weights loaded, head replaced for 2 classes, --freeze-features held
+        state = ckpt["state_dict"]
+        assert state["classifier.6.weight"].shape == (2, 4096)
+        for key, value in pretrained.items():
+            if key.startswith("features."):
+                assert torch.equal(state[key], value), key
+        assert not torch.equal(state["classifier.0.weight"], pretrained["classifier.0.weight"])
     reloaded = model_from_checkpoint(ckpt)
     with torch.inference_mode():
         again = reloaded(capture["c"].probe)
