@@ -117,3 +117,23 @@ def test_models_and_datasets_listings() -> None:
     assert done.returncode == 0
     for name in ("mnist-sample", "mnist", "fashion-mnist", "cifar10", "folder:PATH"):
         assert name in done.stdout
+
+
+def test_import_seed_state_dict_then_evaluate(tmp_path: Path) -> None:
+    """A seed script's torch.save(model.state_dict()) — 001's key names, DataParallel prefix —
+    becomes a cnnctl checkpoint by naming its model."""
+    from cnnctl.training.models import build_model
+
+    torch.manual_seed(0)
+    state = {f"module.{k.replace('res_block_', 'rblock').replace('fc1.', 'linear.')}": v
+             for k, v in build_model("resnet-mini").state_dict().items()}
+    torch.save(state, tmp_path / "seed.pth")
+    done = cnnctl("train", "--model", "resnet-mini", "--state-dict", str(tmp_path / "seed.pth"),
+                  "--import-only", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    done = cnnctl("evaluate", str(tmp_path / "run" / "best.pt"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 2000
+    # The bare file itself evaluates too, by naming its model.
+    done = cnnctl("evaluate", str(tmp_path / "seed.pth"), "--model", "resnet-mini", "--json")
+    assert done.returncode == 0, done.stderr

@@ -61,3 +61,13 @@ def test_cuda_training_and_cpu_reload(flags: dict, tmp_path: Path) -> None:
     model_from_checkpoint(ckpt)  # a GPU-trained checkpoint on CPU
     if flags.get("amp_dtype") == "fp16":
         assert ckpt["scaler"] is not None
+
+
+@pytest.mark.slow
+def test_compile_on_cpu(tmp_path: Path) -> None:
+    """--compile: inductor needs a C compiler and ~50 s on 2 cores, hence slow."""
+    result = train(from_flags("convnet", compile=True, epochs=1, max_steps_per_epoch=3,
+                              progress=False, plot=False, out=str(tmp_path / "run")))
+    ckpt = load_checkpoint(result.last_path)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])
+    model_from_checkpoint(ckpt)
