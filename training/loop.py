@@ -32,7 +32,7 @@ from cnnctl.errors import CheckpointError, UsageError
 from cnnctl.training import checkpoint as ckpt_io
 from cnnctl.training.config import TrainConfig, validate
 from cnnctl.training.data import (DATASETS, ImageData, StreamedData, check_compatible,
-                                  load_split)
+                                  load_train_val)
 from cnnctl.training.models import build_model, format_shape, get_spec
 from cnnctl.training.transforms import crop_flip, prepare_batch
 
@@ -259,8 +259,7 @@ def _load_data(config: TrainConfig, input_shape: tuple[int, int, int]
     # selected on the same held-out images.
     kwargs: dict[str, Any] = dict(data_dir=config.data_dir, shape=input_shape,
                                   val_fraction=config.val_fraction, seed=0, stream=config.stream)
-    train_data = load_split(config.dataset, "train", **kwargs)
-    val_data = load_split(config.dataset, "val", **kwargs)
+    train_data, val_data = load_train_val(config.dataset, **kwargs)
     check_compatible(config.model, input_shape, train_data)
     if len(val_data.class_names) != len(train_data.class_names):
         raise UsageError(f"dataset {config.dataset}: the validation split has classes "

@@ -166,3 +166,11 @@ def test_folder_channel_mismatch(tmp_path: Path, image_folder: Callable[..., Pat
                         **{**QUICK, "val_fraction": 0.34})
     result = train(config)
     assert result.history and load_checkpoint(result.last_path)["class_names"] == ["ants", "bees"]
+
+
+def test_train_val_split_matches_load_split() -> None:
+    from cnnctl.training.data import load_split, load_train_val
+
+    train_data, val_data = load_train_val("mnist-sample", val_fraction=0.1, seed=0)
+    assert torch.equal(train_data.labels, load_split("mnist-sample", "train").labels)
+    assert torch.equal(val_data.images, load_split("mnist-sample", "val").images)
