@@ -25,12 +25,15 @@ _BATCH = BatchingConfig()
               "while an instance is idle.")
 @click.option("--max-queue-size", type=int, default=_BATCH.max_queue_size, show_default=True,
               help="Requests queued per model before RESOURCE_EXHAUSTED.")
+@click.option("--inline-below-us", type=float, default=_BATCH.inline_below_us, show_default=True,
+              help="Run batches expected to compute faster than this (µs) on the event loop "
+              "instead of handing them to the thread pool; 0 = always the pool.")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
               help="Off: every request runs as its own execution.")
 @click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
               help="Model executions in flight at once per model.")
 @click.option("--intra-op-threads", type=int, default=0,
-              help="ONNX Runtime threads per execution (0: cores / instances).")
+              help="ONNX Runtime threads per execution (0: (cores - 1) / instances).")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULT.device, show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics here.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)
@@ -43,7 +46,7 @@ _BATCH = BatchingConfig()
               help="On SIGTERM/SIGINT, how long to wait for in-flight and queued requests.")
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
-          dynamic_batching: bool, instances: int, intra_op_threads: int, device: str,
+          inline_below_us: float, dynamic_batching: bool, instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
           max_message_mb: int, grace_s: float) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
@@ -57,13 +60,16 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     if max_queue_delay_ms < 0:
         raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
+    if inline_below_us < 0:
+        raise UsageError(f"--inline-below-us must be at least 0, got {inline_below_us}")
     if not artifact_dirs and not repository:
         raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
     config = ServerConfig(
         artifact_dirs=tuple(artifact_dirs), repository=repository, host=host, port=port,
         batching=BatchingConfig(enabled=dynamic_batching, max_batch_size=max_batch_size,
                                 max_queue_delay_ms=max_queue_delay_ms,
-                                max_queue_size=max_queue_size),
+                                max_queue_size=max_queue_size,
+                                inline_below_us=inline_below_us),
         instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s)

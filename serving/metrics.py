@@ -82,6 +82,8 @@ class ModelMetrics:
         self._batch = metrics.batch_size.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
         self._last = metrics.last_inference.labels(*labels)
+        self._failures: dict[str, Counter] = {}
+        self._by_size: dict[int, tuple[Counter, Counter]] = {}  # labels() costs a lock + lookup
 
     # -- the servicer's side
     def request(self) -> None:
@@ -91,7 +93,10 @@ class ModelMetrics:
         self._ok.observe(seconds)
 
     def failed(self, code: str, seconds: float) -> None:
-        self.m.failures.labels(self.name, self.version, code).inc()
+        counter = self._failures.get(code)
+        if counter is None:
+            counter = self._failures[code] = self.m.failures.labels(self.name, self.version, code)
+        counter.inc()
         self._fail.observe(seconds)
 
     # -- the batcher's side (BatchObserver)
@@ -104,8 +109,14 @@ class ModelMetrics:
     def executed(self, images: int, seconds: float) -> None:
         self._compute.observe(seconds)
         self._batch.observe(images)
-        self.m.batch_executions.labels(self.name, self.version, str(images)).inc()
-        self.m.batch_seconds.labels(self.name, self.version, str(images)).inc(seconds)
+        pair = self._by_size.get(images)
+        if pair is None:
+            size = str(images)
+            pair = self._by_size[images] = (
+                self.m.batch_executions.labels(self.name, self.version, size),
+                self.m.batch_seconds.labels(self.name, self.version, size))
+        pair[0].inc()
+        pair[1].inc(seconds)
         self._last.set(time.time() * 1000.0)
 
     # -- ModelStatistics, from the same counters

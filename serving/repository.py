@@ -82,12 +82,8 @@ class ModelRepository:
             runtime = OrtModel(d, manifest, device=config.device, instances=config.instances,
                                intra_op_threads=config.intra_op_threads)
             model_metrics = metrics.for_model(manifest.name, manifest.version)
-            loop = asyncio.get_running_loop()
-
-            def run(x: np.ndarray, _rt: OrtModel = runtime) -> asyncio.Future[np.ndarray]:
-                return loop.run_in_executor(_rt.executor, _rt.run, x)
-
-            batcher = Batcher(manifest.name, run, config.batching, config.instances, model_metrics)
+            batcher = Batcher(manifest.name, runtime.run, config.batching, runtime.executor,
+                              config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
                                       batcher, model_metrics))
             log.info("loaded %s version %s from %s (%s, %s, %d intra-op threads)", manifest.name,

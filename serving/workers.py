@@ -62,7 +62,7 @@ def run_workers(config: ServerConfig) -> int:
     reserved = _reserve_port(config.host) if config.port == 0 else None
     port = reserved.getsockname()[1] if reserved else config.port
     threads = config.intra_op_threads or max(
-        1, (os.cpu_count() or 1) // (config.workers * config.instances))
+        1, ((os.cpu_count() or 1) - config.workers) // (config.workers * config.instances))
     worker_config = replace(config, port=port, workers=1, reuse_port=True, metrics_port=None,
                             intra_op_threads=threads)
     ctx = mp.get_context("spawn")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -18,10 +19,10 @@ class FakeModel:
         self.delay = delay
         self.fail_on = fail_on
 
-    async def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # blocking, like an ORT run
         self.batches.append(int(x.shape[0]))
         if self.delay:
-            await asyncio.sleep(self.delay)
+            time.sleep(self.delay)
         if self.fail_on is not None and (x == self.fail_on).any():
             raise RuntimeError("boom")
         return x.reshape(x.shape[0], -1).sum(axis=1, keepdims=True) * 2
@@ -103,6 +104,28 @@ def test_full_queue_is_refused() -> None:
         await b.drain()
 
     run(main())
+
+
+def test_tiny_batches_run_inline_when_asked() -> None:
+    async def main(inline_below_us: float) -> set[str]:
+        import threading
+
+        threads: set[str] = set()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            threads.add(threading.current_thread().name)
+            return x[:, :1, 0, 0]
+
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0,
+                                               inline_below_us=inline_below_us))
+        b.start()
+        for _ in range(3):
+            await b.submit(rows(1, 1.0))
+        await b.drain()
+        return threads
+
+    assert len(run(main(1e6))) == 2  # the first batch measures the speed in the pool, then inline
+    assert "MainThread" not in run(main(0))
 
 
 def test_expired_requests_are_dropped_without_computing() -> None:

@@ -275,7 +275,7 @@ def test_metadata_config_health_reflection(artifacts: dict[str, Path]) -> None:
             assert (cfg.max_batch_size, list(cfg.input[0].dims), list(cfg.output[0].dims)) == (
                 64, [1, 32, 32], [10])
             assert cfg.parameters["execution_provider"].string_value == "CPUExecutionProvider"
-            assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
             index = await s.RepositoryIndex(pb.RepositoryIndexRequest())
             assert [(m.name, m.version, m.state) for m in index.models] == [
                 ("lenet5", "1", "READY"), ("lenet5", "2", "READY")]

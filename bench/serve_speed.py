@@ -1,0 +1,248 @@
+"""Issue 5, Must show 2: `cnnctl serve` throughput and latency on this machine, in one run.
+
+    flock /tmp/cnnctl-bench.lock .venv/bin/python bench/serve_speed.py [--seconds 4]
+
+Every measurement is a closed loop: C concurrent requests in flight from an asyncio gRPC client
+in a separate process (this script, `--load` mode), each sending its next request when the last
+one is answered. The client sends pre-serialised ModelInferRequest bytes and does not parse the
+answers (the first is checked), so it spends as little of the shared CPU as Python allows.
+Comparisons:
+  1. lenet5, batch-1 requests: a do-nothing KServe v2 server built from the same stubs (`--null`
+     mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`;
+  2. batch-1 requests, dynamic batching on vs off (--no-dynamic-batching), lenet5 and cifar-net-v3;
+  3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options).
+Writes bench/results/serve_speed.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "serve_speed.json"
+CONCURRENCY = (1, 8, 64)
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+# ---------------------------------------------------------------- load generator (its own process)
+async def _load(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
+                warmup: float) -> dict[str, float]:
+    import grpc
+
+    from cnnctl.protos import grpc_service_pb2 as pb
+
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="FP32", shape=shape)
+    req.raw_input_contents.append(x.tobytes())
+    payload = req.SerializeToString()
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(INFER)  # bytes in, bytes out
+        first = pb.ModelInferResponse.FromString(await call(payload, timeout=30))
+        assert list(first.outputs[0].shape) == [shape[0], 10], first
+        latencies: list[float] = []
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        measure_from = start + warmup
+        end = measure_from + seconds
+
+        async def worker() -> None:
+            for _ in range(10_000_000):  # bounded; the clock ends it
+                t0 = loop.time()
+                if t0 >= end:
+                    return
+                await call(payload, timeout=30)
+                if t0 >= measure_from:
+                    latencies.append(loop.time() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    lat = np.asarray(latencies)
+    return {"requests": len(lat), "seconds": seconds, "req_per_s": len(lat) / seconds,
+            "img_per_s": len(lat) * shape[0] / seconds,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+
+
+def measure(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
+            warmup: float = 1.0) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", address, "--model", model, "--shape",
+         ",".join(map(str, shape)), "--concurrency", str(concurrency), "--seconds", str(seconds),
+         "--warmup", str(warmup)], capture_output=True, text=True, timeout=seconds + warmup + 60)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)
+
+
+# ---------------------------------------------------------------- the do-nothing server
+async def _null_server(models: dict[str, int]) -> None:
+    """KServe v2 with no model: answers ModelInfer with zeros; the RPC stack's own ceiling."""
+    import signal
+
+    import grpc
+
+    from cnnctl.protos import grpc_service_pb2 as pb
+    from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+
+    class Null(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> object:
+            n = int(request.inputs[0].shape[0])
+            resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
+                                         id=request.id)
+            resp.outputs.add(name="logits", datatype="FP32", shape=[n, models[request.model_name]])
+            resp.raw_output_contents.append(bytes(4 * n * models[request.model_name]))
+            return resp
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Null(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on grpc://127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+class NullServer:
+    def __init__(self) -> None:
+        import re
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--null"], stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        self.port = int(re.search(r":(\d+)$", line.strip()).group(1))  # type: ignore[union-attr]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> NullServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# ---------------------------------------------------------------- in-process ORT reference
+def ort_inprocess(path: Path, shape: list[int], seconds: float) -> dict[str, float]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    for _ in range(10):
+        sess.run(None, {"input": x})
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end and len(lat) < 1_000_000:
+        t0 = time.perf_counter()
+        sess.run(None, {"input": x})
+        lat.append(time.perf_counter() - t0)
+    a = np.asarray(lat)
+    return {"requests": len(a), "seconds": float(a.sum()), "req_per_s": len(a) / a.sum(),
+            "img_per_s": len(a) * shape[0] / a.sum(), "p50_ms": float(np.percentile(a, 50) * 1e3),
+            "p99_ms": float(np.percentile(a, 99) * 1e3)}
+
+
+# ---------------------------------------------------------------- the run
+def run_all(seconds: float) -> dict[str, object]:
+    from cnnctl.serving.testing import CliServer, make_artifact
+
+    work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
+    print("building random-weight artifacts (lenet5, cifar-net-v3)...", flush=True)
+    arts = {"lenet5": make_artifact(work / "lenet5", "lenet5"),
+            "cifar-net-v3": make_artifact(work / "cifar", "cifar-net-v3")}
+    shapes = {"lenet5": [1, 32, 32], "cifar-net-v3": [3, 32, 32]}
+    rows: list[dict[str, object]] = []
+
+    def record(setup: str, model: str, batch: int, conc: int, res: dict[str, float]) -> None:
+        row = {"setup": setup, "model": model, "request_batch": batch, "concurrency": conc, **res}
+        rows.append(row)
+        print(f"  {setup:28s} {model:13s} b{batch:<3d} c{conc:<3d} {res['img_per_s']:9.0f} img/s "
+              f"{res['req_per_s']:8.0f} req/s  p50 {res['p50_ms']:7.2f} ms  p99 "
+              f"{res['p99_ms']:7.2f} ms", flush=True)
+
+    print("1. do-nothing KServe v2 server (same stubs), lenet5-shaped batch-1 requests", flush=True)
+    with NullServer() as null:
+        for c in CONCURRENCY:
+            record("null server", "lenet5", 1, c, measure(null.address, "lenet5", [1, 1, 32, 32], c,
+                                                          seconds))
+    for model in ("lenet5", "cifar-net-v3"):
+        for setup, flags in (("cnnctl batching on", []),
+                             ("cnnctl batching off", ["--no-dynamic-batching"])):
+            print(f"2. {setup}: {model}", flush=True)
+            with CliServer(str(arts[model]), "--device", "cpu", *flags) as server:
+                for c in CONCURRENCY:
+                    record(setup, model, 1, c, measure(server.address, model,
+                                                       [1, *shapes[model]], c, seconds))
+                if model == "lenet5" and not flags:
+                    print("3. lenet5 batch-64 requests", flush=True)
+                    for c in CONCURRENCY:
+                        record(setup, model, 64, c, measure(server.address, model,
+                                                            [64, *shapes[model]], c, seconds))
+    print("3. in-process ONNX Runtime", flush=True)
+    for model, batch in (("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64)):
+        record("in-process ORT", model, batch, 1,
+               ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]], seconds))
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
+        "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py --load)",
+        "seconds_per_point": seconds, "rows": rows,
+    }
+
+
+def table(result: dict[str, object]) -> str:
+    lines = ["| setup | model | request batch | concurrency | img/s | req/s | p50 ms | p99 ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:  # type: ignore[union-attr]
+        lines.append(f"| {r['setup']} | {r['model']} | {r['request_batch']} | {r['concurrency']} | "
+                     f"{r['img_per_s']:.0f} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    p.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--null", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="lenet5", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="1,1,32,32", help=argparse.SUPPRESS)
+    p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.null:
+        asyncio.run(_null_server({"lenet5": 10, "cifar-net-v3": 10}))
+        return
+    if args.load:
+        shape = [int(s) for s in args.shape.split(",")]
+        print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
+                                           args.seconds, args.warmup))))
+        return
+    result = run_all(args.seconds)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+    print()
+    print(table(result))
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
