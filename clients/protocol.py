@@ -195,7 +195,7 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "top": [{"label": lb, "class_id": c, "probability": round(p, 6)}
+            "top": [{"label": lb, "class_id": c, "probability": p}
                     for lb, c, p in zip(self.labels, self.class_ids, self.probabilities)]}
         if self.logits is not None:
             data["logits"] = [float(v) for v in self.logits]

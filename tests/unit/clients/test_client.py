@@ -5,6 +5,7 @@ with its status code and the server's exact message."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import socket
 import time
@@ -56,7 +57,7 @@ def test_parse_url() -> None:
         parse_url("h:0")
 
 
-def test_health_and_metadata(server: ServerThread) -> None:
+def test_health_and_metadata(server: ServerThread, artifact: Path) -> None:
     with Client(server.address) as c:
         assert c.server_live() and c.server_ready()
         assert c.model_ready("lenet5") and not c.model_ready("nope")
@@ -65,7 +66,9 @@ def test_health_and_metadata(server: ServerThread) -> None:
         assert (info.input_name, info.input_shape, info.output_name) == (
             "input", (-1, 1, 32, 32), "logits")
         assert info.max_batch_size == 8 and info.versions == ("1",)
-        assert info.class_names == tuple(str(i) for i in range(10))
+        manifest = load_manifest(artifact)
+        assert info.class_names == tuple(manifest.class_names)  # from ModelConfig parameters
+        assert info.image == manifest.image
 
 
 def test_every_image_kind_gives_the_same_answer(server: ServerThread, artifact: Path,
@@ -116,12 +119,26 @@ def test_infer_tensor_equals_onnxruntime(server: ServerThread, reference: Any) -
             c.infer("lenet5", np.zeros((5, 1, 28, 28), np.float32))
 
 
-def test_client_side_preprocessing_needs_the_published_spec(server: ServerThread,
-                                                            digits: np.ndarray) -> None:
-    with Client(server.address, preprocess="client") as c:
-        with pytest.raises(UsageError, match=r"^model 'lenet5' does not publish its image "
-                                             r"preprocessing \(ModelConfig parameter 'image'\)"):
-            c.predict("lenet5", digits[0])
+def test_client_side_preprocessing_matches_the_servers(server: ServerThread, artifact: Path,
+                                                      digits: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "d.png"
+    Image.fromarray(digits[0]).save(path)
+    images = [path, *digits[1:4], Image.fromarray(digits[4]).convert("RGB")]
+    with Client(server.address) as c, Client(server.address, preprocess="client") as cc:
+        info = cc.model_info("lenet5")
+        assert info.image == load_manifest(artifact).image  # published in ModelConfig
+        assert cc._predict_requests(info, images)[0].inputs[0].datatype == "FP32"
+        on_server = c.predict("lenet5", images, return_logits=True)
+        on_client = cc.predict("lenet5", images, return_logits=True)
+    for a, b in zip(on_server, on_client):
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+        assert a.labels == b.labels
+    # A server that does not publish its preprocessing: client mode refuses, naming the field.
+    bare = dataclasses.replace(info, image=None)
+    with pytest.raises(UsageError, match=r"^model 'lenet5' does not publish its image "
+                                         r"preprocessing \(ModelConfig parameter 'image'\); use "
+                                         r"preprocess='server'$"):
+        cc._predict_requests(bare, digits[0])
 
 
 def test_large_inputs_are_split_to_the_servers_max_batch(server: ServerThread,
@@ -310,3 +327,21 @@ def test_bad_client_settings_name_the_value() -> None:
     ]:
         with pytest.raises(UsageError, match=f"^{message}$"):
             Client("127.0.0.1:1", **kwargs)
+
+
+def test_labels_are_the_manifests_class_names(artifact: Path, tmp_path: Path,
+                                               digits: np.ndarray) -> None:
+    import json
+    import shutil
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    named = tmp_path / "named"
+    shutil.copytree(artifact, named)
+    doc = json.loads((named / "manifest.json").read_text())
+    doc["class_names"] = words
+    (named / "manifest.json").write_text(json.dumps(doc))
+    with ServerThread(config_for(named)) as s, Client(s.address) as c:
+        results = c.predict("lenet5", digits[:3][:, None], top_k=10, return_logits=True)
+    for r in results:
+        assert sorted(r.labels) == sorted(words)
+        assert r.label == words[int(np.argmax(r.logits))]
