@@ -102,6 +102,9 @@ def _concurrency_list(value: str) -> list[int]:
               help="Images per request.")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
               help="Send these images (encoded, cycled) instead of random FP32 tensors.")
+@click.option("--preprocess", type=click.Choice(["server", "client"]), default="server",
+              show_default=True, help="With --images: send them encoded (server decodes) or as "
+              "client-side float tensors.")
 @click.option("--max-requests", type=click.IntRange(min=1), default=1_000_000,
               show_default=True, help="Stop a level after this many requests, whatever the time.")
 @click.option("--in-process", "artifact_dir", type=click.Path(file_okay=False), default=None,
@@ -116,7 +119,7 @@ def _concurrency_list(value: str) -> list[int]:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_tls_options
 def bench(server: str, model: str | None, version: str, concurrency: str, duration: float,
-          warmup: float, batch: int, images_dir: str | None, max_requests: int,
+          warmup: float, batch: int, images_dir: str | None, preprocess: str, max_requests: int,
           artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
           plot: str | None, progress: bool, tls: bool, root_certs: str | None,
           server_name: str | None) -> None:
@@ -132,7 +135,7 @@ def bench(server: str, model: str | None, version: str, concurrency: str, durati
         server=server, model=model or "", version=version, levels=tuple(levels),
         duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
         max_requests=max_requests, progress=progress and not as_json, tls=tls,
-        root_certificates=root_certs, server_name=server_name)
+        root_certificates=root_certs, server_name=server_name, preprocess=preprocess)
     rows = b.run_grpc(config) if use_grpc else []
     if artifact_dir:
         rows += b.run_in_process(artifact_dir, config)

@@ -52,3 +52,15 @@ def test_bad_concurrency_names_the_value() -> None:
     result = CliRunner().invoke(bench, ["--model", "m", "--concurrency", "1,x"])
     assert result.exit_code == 2
     assert "'1,x' is not a comma-separated list of integers, e.g. 1,8,64" in result.output
+
+
+def test_images_preprocessed_on_the_client(server: ServerThread, tmp_path: Path, digits) -> None:
+    from PIL import Image
+
+    for i, d in enumerate(digits[:3]):
+        Image.fromarray(d).save(tmp_path / f"{i}.png")
+    config = b.BenchConfig(server=server.address, model="lenet5", levels=(2,), duration_s=0.3,
+                           warmup_s=0, batch=2, images_dir=str(tmp_path), preprocess="client",
+                           progress=False)
+    [row] = b.run_grpc(config)
+    assert row.errors == 0 and row.requests > 0 and row.batch == 2
