@@ -1,6 +1,6 @@
 """Issue 5, Must show 2: `cnnctl serve` throughput and latency on this machine, in one run.
 
-    flock /tmp/cnnctl-bench.lock .venv/bin/python bench/serve_speed.py [--seconds 4]
+    flock /tmp/cnnctl-bench.lock .venv/bin/python bench/serve_speed.py [--seconds 2.5] [--rounds 3]
 
 Every measurement is a closed loop: C concurrent requests in flight from an asyncio gRPC client
 in a separate process (this script, `--load` mode), each sending its next request when the last
@@ -11,7 +11,9 @@ Comparisons:
      mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`;
   2. batch-1 requests, dynamic batching on vs off (--no-dynamic-batching), lenet5 and cifar-net-v3;
   3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options).
-Writes bench/results/serve_speed.json and prints a markdown table.
+Every server stays up and the points are measured round-robin --rounds times (median kept), so
+that drifting load from other processes on the shared CPUs hits every setup alike.
+Writes bench/results/serve_speed.json (+ .png plot) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -135,10 +137,16 @@ class NullServer:
 
 # ---------------------------------------------------------------- in-process ORT reference
 def ort_inprocess(path: Path, shape: list[int], seconds: float) -> dict[str, float]:
+    """The best of 1 thread and all cores: the reference should be ORT at its fastest here."""
+    runs = [_ort_inprocess(path, shape, seconds / 2, t) for t in sorted({1, os.cpu_count() or 1})]
+    return max(runs, key=lambda r: r["img_per_s"])
+
+
+def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -> dict[str, float]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -154,11 +162,11 @@ def ort_inprocess(path: Path, shape: list[int], seconds: float) -> dict[str, flo
     a = np.asarray(lat)
     return {"requests": len(a), "seconds": float(a.sum()), "req_per_s": len(a) / a.sum(),
             "img_per_s": len(a) * shape[0] / a.sum(), "p50_ms": float(np.percentile(a, 50) * 1e3),
-            "p99_ms": float(np.percentile(a, 99) * 1e3)}
+            "p99_ms": float(np.percentile(a, 99) * 1e3), "threads": threads}
 
 
 # ---------------------------------------------------------------- the run
-def run_all(seconds: float) -> dict[str, object]:
+def run_all(seconds: float, rounds: int) -> dict[str, object]:
     from cnnctl.serving.testing import CliServer, make_artifact
 
     work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
@@ -175,24 +183,39 @@ def run_all(seconds: float) -> dict[str, object]:
               f"{res['req_per_s']:8.0f} req/s  p50 {res['p50_ms']:7.2f} ms  p99 "
               f"{res['p99_ms']:7.2f} ms", flush=True)
 
-    print("1. do-nothing KServe v2 server (same stubs), lenet5-shaped batch-1 requests", flush=True)
-    with NullServer() as null:
-        for c in CONCURRENCY:
-            record("null server", "lenet5", 1, c, measure(null.address, "lenet5", [1, 1, 32, 32], c,
-                                                          seconds))
-    for model in ("lenet5", "cifar-net-v3"):
-        for setup, flags in (("cnnctl batching on", []),
-                             ("cnnctl batching off", ["--no-dynamic-batching"])):
-            print(f"2. {setup}: {model}", flush=True)
-            with CliServer(str(arts[model]), "--device", "cpu", *flags) as server:
-                for c in CONCURRENCY:
-                    record(setup, model, 1, c, measure(server.address, model,
-                                                       [1, *shapes[model]], c, seconds))
-                if model == "lenet5" and not flags:
-                    print("3. lenet5 batch-64 requests", flush=True)
-                    for c in CONCURRENCY:
-                        record(setup, model, 64, c, measure(server.address, model,
-                                                            [64, *shapes[model]], c, seconds))
+    # Every server stays up for the whole run and the points are measured round-robin, `rounds`
+    # times, keeping each point's median: the CPUs are shared with other work whose load drifts
+    # over minutes, and interleaving spreads that drift evenly over the setups being compared.
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        print("starting servers...", flush=True)
+        servers = {
+            ("null server", "lenet5"): stack.enter_context(NullServer()),
+            ("cnnctl batching on", "lenet5"): stack.enter_context(
+                CliServer(str(arts["lenet5"]), "--device", "cpu")),
+            ("cnnctl batching off", "lenet5"): stack.enter_context(
+                CliServer(str(arts["lenet5"]), "--device", "cpu", "--no-dynamic-batching")),
+            ("cnnctl batching on", "cifar-net-v3"): stack.enter_context(
+                CliServer(str(arts["cifar-net-v3"]), "--device", "cpu")),
+            ("cnnctl batching off", "cifar-net-v3"): stack.enter_context(
+                CliServer(str(arts["cifar-net-v3"]), "--device", "cpu", "--no-dynamic-batching")),
+        }
+        points = [(setup, model, 1, c) for (setup, model) in servers for c in CONCURRENCY]
+        points += [("cnnctl batching on", "lenet5", 64, c) for c in CONCURRENCY]
+        samples: dict[tuple[str, str, int, int], list[dict[str, float]]] = {p: [] for p in points}
+        for r in range(rounds):
+            print(f"round {r + 1}/{rounds}", flush=True)
+            for point in points:
+                setup, model, batch, c = point
+                res = measure(servers[(setup, model)].address, model, [batch, *shapes[model]], c,
+                              seconds)
+                samples[point].append(res)
+        for point in points:
+            runs = sorted(samples[point], key=lambda res: res["img_per_s"])
+            median = dict(runs[len(runs) // 2])
+            median["rounds_img_per_s"] = [round(res["img_per_s"]) for res in samples[point]]
+            record(*point, median)
     print("3. in-process ONNX Runtime", flush=True)
     for model, batch in (("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64)):
         record("in-process ORT", model, batch, 1,
@@ -202,7 +225,8 @@ def run_all(seconds: float) -> dict[str, object]:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
         "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py --load)",
-        "seconds_per_point": seconds, "rows": rows,
+        "seconds_per_point": seconds, "rounds": rounds,
+        "load_average_at_end": os.getloadavg(), "rows": rows,
     }
 
 
@@ -216,9 +240,33 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
+        for setup in ("null server", "cnnctl batching on", "cnnctl batching off"):
+            pts = [r for r in result["rows"] if r["setup"] == setup and r["model"] == model  # type: ignore[index, union-attr]
+                   and r["request_batch"] == 1]
+            if pts:
+                ax.plot([r["img_per_s"] for r in pts], [r["p99_ms"] for r in pts], marker="o",
+                        label=setup)
+                for r in pts:
+                    ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p99_ms"]), fontsize=8)
+        ax.set(title=f"{model}, batch-1 requests", xlabel="images/s", ylabel="p99 latency (ms)",
+               yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    p.add_argument("--seconds", type=float, default=2.5, help="measured seconds per point")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin repetitions (median kept)")
     p.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("--null", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="lenet5", help=argparse.SUPPRESS)
@@ -234,11 +282,15 @@ def main() -> None:
         print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
                                            args.seconds, args.warmup))))
         return
-    result = run_all(args.seconds)
+    result = run_all(args.seconds, args.rounds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, RESULTS)
+    try:
+        plot(result, RESULTS.with_suffix(".png"))
+    except ImportError:  # matplotlib is a dev dependency
+        pass
     print()
     print(table(result))
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")

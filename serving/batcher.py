@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class BatchObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
     def queued_for(self, seconds: float) -> None: ...
-    def executed(self, images: int, seconds: float) -> None: ...
+    def executed(self, images: int, seconds: float, requests: int) -> None: ...
 
 
 class _NoObserver:
@@ -47,7 +47,7 @@ class _NoObserver:
     def queued_for(self, seconds: float) -> None:
         pass
 
-    def executed(self, images: int, seconds: float) -> None:
+    def executed(self, images: int, seconds: float, requests: int) -> None:
         pass
 
 
@@ -217,7 +217,7 @@ class Batcher:
         else:
             y = future.result()
             seconds = time.perf_counter() - start
-            self._observer.executed(images, seconds)
+            self._observer.executed(images, seconds, len(batch))
             per_image = seconds / images
             self._per_image = per_image if self._per_image is None else (
                 0.9 * self._per_image + 0.1 * per_image)

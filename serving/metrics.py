@@ -45,6 +45,12 @@ class ServerMetrics:
                                         "size", (*LABELS, "batch_size"), registry=r)
         self.batch_seconds = Counter("cnnctl_batch_execution_seconds", "Model execution time by "
                                      "batch size", (*LABELS, "batch_size"), registry=r)
+        # Triton counts compute per request (each request is charged its batch's execution
+        # time); perf_analyzer insists these counts match across the compute stages.
+        self.request_computes = Counter("cnnctl_request_computes", "Requests computed (each "
+                                        "charged its batch's execution time)", LABELS, registry=r)
+        self.request_compute_seconds = Counter("cnnctl_request_compute_seconds", "Execution time "
+                                               "charged to requests", LABELS, registry=r)
         self.queue_depth = Gauge("cnnctl_queue_depth", "Requests waiting in the batch queue",
                                  LABELS, registry=r, multiprocess_mode="livesum")
         self.last_inference = Gauge("cnnctl_last_inference_timestamp_ms", "When the model last "
@@ -82,6 +88,8 @@ class ModelMetrics:
         self._batch = metrics.batch_size.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
         self._last = metrics.last_inference.labels(*labels)
+        self._computes = metrics.request_computes.labels(*labels)
+        self._compute_seconds = metrics.request_compute_seconds.labels(*labels)
         self._failures: dict[str, Counter] = {}
         self._by_size: dict[int, tuple[Counter, Counter]] = {}  # labels() costs a lock + lookup
 
@@ -106,7 +114,9 @@ class ModelMetrics:
     def queued_for(self, seconds: float) -> None:
         self._queue.observe(seconds)
 
-    def executed(self, images: int, seconds: float) -> None:
+    def executed(self, images: int, seconds: float, requests: int = 1) -> None:
+        self._computes.inc(requests)
+        self._compute_seconds.inc(seconds * requests)
         self._compute.observe(seconds)
         self._batch.observe(images)
         pair = self._by_size.get(images)
@@ -139,7 +149,13 @@ class ModelMetrics:
         inf.success.CopyFrom(duration("cnnctl_request_duration_seconds", outcome="success"))
         inf.fail.CopyFrom(duration("cnnctl_request_duration_seconds", outcome="failure"))
         inf.queue.CopyFrom(duration("cnnctl_queue_duration_seconds"))
-        inf.compute_infer.CopyFrom(duration("cnnctl_execution_duration_seconds"))
+        computes = int(value("cnnctl_request_computes_total"))
+        inf.compute_infer.CopyFrom(pb.StatisticDuration(
+            count=computes, ns=int(value("cnnctl_request_compute_seconds_total") * 1e9)))
+        # Decoding and encoding are not timed apart from the whole request (they are in
+        # success.ns); the counts match compute_infer's, as Triton's do and perf_analyzer checks.
+        inf.compute_input.count = computes
+        inf.compute_output.count = computes
         sizes = set()
         for family in reg.collect():
             if family.name == "cnnctl_batch_executions":

@@ -75,6 +75,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_rows(
             assert stats.inference_count == sum(x.shape[0] for x in xs)
             assert stats.execution_count < len(xs)  # merged
             assert stats.inference_stats.success.count == len(xs)
+            inf = stats.inference_stats  # per request, as Triton counts (perf_analyzer checks)
+            assert (inf.compute_input.count, inf.compute_infer.count, inf.compute_output.count,
+                    inf.queue.count) == (len(xs),) * 4
+            assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
 
     run(main())
 
