@@ -279,6 +279,11 @@ class Client(_ClientBase):
                   ) -> list[pb.ModelInferResponse]:
         return [self._call("ModelInfer", req, deadline) for req in requests]
 
+    def infer_request(self, request: pb.ModelInferRequest,
+                      timeout: float | None = None) -> pb.ModelInferResponse:
+        """One prepared ModelInferRequest, as is (the load generator's fast path)."""
+        return self._call("ModelInfer", request, self._deadline(timeout))
+
     def predict(self, model: str, images: ImageLike | Sequence[ImageLike], *, top_k: int = 5,
                 return_logits: bool = False, version: str = "",
                 timeout: float | None = None) -> list[Prediction]:
