@@ -62,6 +62,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
         raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
     if inline_below_us < 0:
         raise UsageError(f"--inline-below-us must be at least 0, got {inline_below_us}")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together; give both or neither")
     if not artifact_dirs and not repository:
         raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
     config = ServerConfig(
