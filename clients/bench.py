@@ -1,13 +1,12 @@
-"""The load generator behind ``cnnctl bench``: closed-loop clients, one run per level.
+"""The load generator behind ``cnnctl bench``: closed-loop asyncio clients, one run per level.
 
-At concurrency C, C workers each send a request, wait for its answer, and send the next, over one
+At concurrency C, C coroutines each send a request, wait for its answer, and send the next, over one
 channel - the same closed loop as Triton's ``perf_analyzer --concurrency-range C``, so the two can
-be compared. Two engines: ``asyncio`` (C coroutines on grpc.aio, the AsyncClient's path) and
-``threads`` (C threads on the blocking Client). They differ in what the client itself costs per
-request: on the 2-core test box grpc.aio took 1.81 ms per sequential request where the blocking
-stub took 1.27 ms against the same server (bench/client_vs_perf_analyzer.py has the comparison). Each level runs ``warmup_s`` unmeasured, then ``duration_s`` measured: a request counts
-when it starts inside the measured window; throughput is those answers over the window. Every level
-stops at its time or at ``max_requests``, whichever comes first.
+be compared (bench/client_vs_perf_analyzer.py). A blocking-stub thread per request in flight was
+tried as well and measured no faster per request (interleaved: 2.70 vs 2.60 ms median), so there
+is one engine. Each level runs ``warmup_s`` unmeasured, then ``duration_s`` measured: a request
+counts when it starts inside the measured window; throughput is those answers over the window.
+Every level stops at its time or at ``max_requests``, whichever comes first.
 
 ``run_in_process`` times a plain ONNX Runtime session on the artifact's ONNX file in this process:
 what the model costs with no network, no queue and no protocol - the ceiling the server approaches.
@@ -30,8 +29,6 @@ from cnnctl.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("asyncio", "threads")
-
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -50,7 +47,6 @@ class BenchConfig:
     root_certificates: str | None = None
     server_name: str | None = None
     preprocess: str = "server"  # with images_dir: encoded images or client-side tensors
-    engine: str = "asyncio"  # asyncio | threads
     seed: int = 0
 
 
@@ -181,76 +177,7 @@ async def run_grpc_async(config: BenchConfig) -> list[BenchRow]:
         return rows
 
 
-def _level_threads(client: Any, pool: list[Any], concurrency: int,
-                   config: BenchConfig) -> BenchRow:
-    import threading
-
-    from cnnctl.clients.errors import ClientError
-
-    start = time.monotonic()
-    measure_from = start + config.warmup_s
-    end = measure_from + config.duration_s
-    latencies: list[float] = []  # list.append is atomic under the GIL
-    errors: Counter = Counter()
-    lock = threading.Lock()
-    sent = 0
-
-    def worker(k: int) -> None:
-        nonlocal sent
-        i = k
-        while True:
-            with lock:
-                if sent >= config.max_requests:
-                    return
-                sent += 1
-            began = time.monotonic()
-            if began >= end:
-                return
-            try:
-                client.infer_request(pool[i % len(pool)], timeout=config.timeout_s)
-            except ClientError as exc:
-                with lock:
-                    errors[exc.code.name] += 1
-            else:
-                if began >= measure_from:
-                    latencies.append(time.monotonic() - began)
-            i += concurrency
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True)
-               for k in range(concurrency)]
-    bar = _progress(config.warmup_s + config.duration_s, f"concurrency {concurrency:>3}",
-                    config.progress)
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        time.sleep(0.25)
-        now = time.monotonic()
-        bar.n = round(min(now, end) - start, 1)
-        window = max(1e-9, now - measure_from)
-        bar.set_postfix_str(f"{len(latencies) * config.batch / window:,.0f} img/s"
-                            if now > measure_from else "warm-up")
-    bar.close()
-    window = min(config.duration_s, max(1e-9, time.monotonic() - measure_from))
-    return summarize("grpc", concurrency, config.batch, latencies, errors, window)
-
-
-def _run_grpc_threads(config: BenchConfig) -> list[BenchRow]:
-    from cnnctl.clients.client import Client
-
-    with Client(config.server, timeout=config.timeout_s, retries=0, tls=config.tls,
-                root_certificates=config.root_certificates, server_name=config.server_name,
-                preprocess=config.preprocess) as client:
-        client.wait_until_ready(timeout=10)
-        info = client.model_info(config.model, config.version)
-        pool = _requests(client, info, config)
-        return [_level_threads(client, pool, level, config) for level in config.levels]
-
-
 def run_grpc(config: BenchConfig) -> list[BenchRow]:
-    if config.engine not in ENGINES:
-        raise UsageError(f"engine {config.engine!r} is not known; allowed: {', '.join(ENGINES)}")
-    if config.engine == "threads":
-        return _run_grpc_threads(config)
     return asyncio.run(run_grpc_async(config))
 
 

@@ -62,7 +62,7 @@ def predict(server: str, model: str, version: str, images: tuple[str, ...], top_
 
     paths = _expand_paths(images)
     with Client(server, timeout=timeout, tls=tls, root_certificates=root_certs,
-                server_name=server_name, preprocess=preprocess, engine=engine) as client:
+                server_name=server_name, preprocess=preprocess) as client:
         results = client.predict(model, paths, top_k=top_k, return_logits=logits,
                                  version=version)
     if as_json:
@@ -105,9 +105,6 @@ def _concurrency_list(value: str) -> list[int]:
 @click.option("--preprocess", type=click.Choice(["server", "client"]), default="server",
               show_default=True, help="With --images: send them encoded (server decodes) or as "
               "client-side float tensors.")
-@click.option("--engine", type=click.Choice(["asyncio", "threads"]), default="asyncio",
-              show_default=True, help="Load generator: coroutines on grpc.aio, or one thread per "
-              "request in flight on the blocking client (less client overhead per request).")
 @click.option("--max-requests", type=click.IntRange(min=1), default=1_000_000,
               show_default=True, help="Stop a level after this many requests, whatever the time.")
 @click.option("--in-process", "artifact_dir", type=click.Path(file_okay=False), default=None,
@@ -122,7 +119,7 @@ def _concurrency_list(value: str) -> list[int]:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_tls_options
 def bench(server: str, model: str | None, version: str, concurrency: str, duration: float,
-          warmup: float, batch: int, images_dir: str | None, preprocess: str, engine: str,
+          warmup: float, batch: int, images_dir: str | None, preprocess: str,
           max_requests: int,
           artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
           plot: str | None, progress: bool, tls: bool, root_certs: str | None,
@@ -139,7 +136,7 @@ def bench(server: str, model: str | None, version: str, concurrency: str, durati
         server=server, model=model or "", version=version, levels=tuple(levels),
         duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
         max_requests=max_requests, progress=progress and not as_json, tls=tls,
-        root_certificates=root_certs, server_name=server_name, preprocess=preprocess, engine=engine)
+        root_certificates=root_certs, server_name=server_name, preprocess=preprocess)
     rows = b.run_grpc(config) if use_grpc else []
     if artifact_dir:
         rows += b.run_in_process(artifact_dir, config)

@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from cnnctl.clients import bench as b
@@ -15,10 +14,9 @@ from cnnctl.clients.commands import bench
 from .conftest import ServerThread
 
 
-@pytest.mark.parametrize("engine", b.ENGINES)
-def test_levels_are_measured_and_bounded(server: ServerThread, engine: str) -> None:
+def test_levels_are_measured_and_bounded(server: ServerThread) -> None:
     config = b.BenchConfig(server=server.address, model="lenet5", levels=(1, 4), duration_s=0.6,
-                           warmup_s=0.1, progress=False, engine=engine)
+                           warmup_s=0.1, progress=False)
     start = time.monotonic()
     rows = b.run_grpc(config)
     assert time.monotonic() - start < 4
@@ -27,8 +25,8 @@ def test_levels_are_measured_and_bounded(server: ServerThread, engine: str) -> N
         assert r.requests > 0 and 0 < r.p50_ms <= r.p90_ms <= r.p99_ms
         assert abs(r.images_per_s - r.requests / r.duration_s) < 1e-6
     capped = b.run_grpc(b.BenchConfig(server=server.address, model="lenet5", levels=(2,),
-                                      duration_s=30, warmup_s=0, max_requests=20, progress=False,
-                                      engine=engine))
+                                      duration_s=30, warmup_s=0, max_requests=20,
+                                      progress=False))
     assert capped[0].requests <= 20
 
 
