@@ -514,7 +514,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = build_model(config.model, num_classes=len(class_names), in_channels=input_shape[0])
-    if config.state_dict:
+    if resume_ckpt is not None:
+        pass  # the weights come from last.pt below; the starting files may be gone by now
+    elif config.state_dict:
         _load_start_weights(model, config)
     elif config.weights:
         skipped = ckpt_io.load_pretrained(model, config.weights, config.model)

@@ -45,6 +45,7 @@ def test_train_with_no_arguments_then_evaluate(tmp_path: Path) -> None:
     assert out["accuracy"] > 0.96  # 6 epochs (the recipe's 250-step floor) on 10,800 images: 98.65% measured
 
 
+@pytest.mark.slow
 def test_lenet5_evaluates_on_28px_mnist_resized(tmp_path: Path, shared_data_dir: Path) -> None:
     done = cnnctl("train", "--model", "lenet5", "--epochs", "1", "--no-progress",
                   "--no-plot", "--out", str(tmp_path / "run"))

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from cnnctl.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -61,6 +62,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
     assert not (out / "rank1").exists()
 
 
+@pytest.mark.slow
 def test_cli_nproc_launches_torchrun(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "cnnctl", "train", "--model", "convnet",
                            "--nproc", "2", "--epochs", "1", "--max-steps", "3", "--no-progress",

@@ -54,7 +54,8 @@ class Capture:
         model.train()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg16" else n
+                                  for n in CASES])
 def test_model_trains_and_checkpoint_round_trips(
     name: str, tmp_path: Path, image_folder: Callable[..., Path]
 ) -> None:
