@@ -138,3 +138,34 @@ def test_import_seed_state_dict_then_evaluate(tmp_path: Path) -> None:
     # The bare file itself evaluates too, by naming its model.
     done = cnnctl("evaluate", str(tmp_path / "seed.pth"), "--model", "resnet-mini", "--json")
     assert done.returncode == 0, done.stderr
+
+
+def test_resume_flag_finishes_an_interrupted_run(tmp_path: Path) -> None:
+    """``cnnctl train --resume RUN_DIR`` on a run stopped after epoch 1 ends where the uninterrupted
+    run ends (the loop-level equivalence is tests/unit/training/test_resume.py; this is the CLI)."""
+    from cnnctl.training.config import from_flags
+    from cnnctl.training.loop import Callbacks, train
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record, model) -> None:
+        raise Stop  # as if the process died right after epoch 1's last.pt was written
+
+    common = dict(epochs=2, max_steps_per_epoch=3, batch_size=32, seed=5, progress=False,
+                  plot=False, channels_last=False)
+    full = train(from_flags("convnet", dataset="mnist-sample", out=str(tmp_path / "full"), **common))
+    with pytest.raises(Stop):
+        train(from_flags("convnet", dataset="mnist-sample", out=str(tmp_path / "cut"), **common),
+              Callbacks(on_epoch_end=stop_after_first))
+
+    done = cnnctl("train", "--resume", str(tmp_path / "cut"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "best checkpoint:" in done.stdout
+    a, b = load_checkpoint(full.last_path), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
+
+    done = cnnctl("train", "--resume", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "nowhere" in done.stderr

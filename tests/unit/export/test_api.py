@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from cnnctl.errors import ArtifactError, UsageError, VerificationError
 from cnnctl.export import api
 from cnnctl.export import onnx as onnx_export
 from cnnctl.export.manifest import load_manifest, sha256_file
+# Ours, not tritonclient's: the same names and field numbers (tests/unit/serving/test_protos.py), and
+# tritonclient's copy cannot share a process with ours (duplicate protobuf symbols).
+from cnnctl.protos import model_config_pb2
 from cnnctl.training.checkpoint import load_checkpoint
 
 from .helpers import perturb_onnx_weight
@@ -94,7 +96,7 @@ def test_tampered_file_is_refused_by_load_manifest_and_verify_path(
 def test_verify_artifact_dir_passes_on_untouched_artifact(
     artifact: Path, trained_checkpoints: dict[str, Path]
 ) -> None:
-    report = api.verify_artifact_dir(artifact, trained_checkpoints["lenet5"], verify_images=200)
+    report = api.verify_artifact_dir(artifact, trained_checkpoints["lenet5"], verify_images=1000)
     assert report["passed"] and len(report["artifacts"]) == 3
 
 
