@@ -33,8 +33,9 @@ def test_demo_quick_run_agrees_over_the_wire(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CNNCTL_SLOW") != "1",
-                    reason="the README's full demo (~50 s on 2 cores); CNNCTL_SLOW=1 runs it")
+@pytest.mark.skipif(os.environ.get("CNNCTL_SLOW") != "1" and os.environ.get("CI") != "true",
+                    reason="the README's full demo (~50 s on 2 cores); CI=true or CNNCTL_SLOW=1 "
+                           "runs it")
 def test_demo_default_prints_the_over_the_wire_accuracy() -> None:
     r = run_demo(timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
