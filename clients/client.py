@@ -316,6 +316,9 @@ class AsyncClient(_ClientBase):
                          if credentials is None else
                          grpc.aio.secure_channel(self.target, credentials, options=self._options()))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        # Bytes in, bytes out: a load generator's requests are serialised once, not per call.
+        self._infer_raw = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer")
 
     async def close(self) -> None:
         await self._channel.close()
@@ -401,6 +404,16 @@ class AsyncClient(_ClientBase):
                             timeout: float | None = None) -> pb.ModelInferResponse:
         """One prepared ModelInferRequest, as is (the load generator's fast path)."""
         return await self._call("ModelInfer", request, self._deadline(timeout))
+
+    async def infer_serialized(self, payload: bytes, timeout: float | None = None) -> bytes:
+        """One ModelInferRequest already serialised; the serialised response, unparsed. No
+        retries: every call counts once (``cnnctl bench``'s hot path; errors still arrive typed,
+        from the gRPC status)."""
+        try:
+            return await self._infer_raw(payload, timeout=self.timeout if timeout is None
+                                         else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, attempts=1) from None
 
     async def predict(self, model: str, images: ImageLike | Sequence[ImageLike], *,
                       top_k: int = 5, return_logits: bool = False, version: str = "",

@@ -213,6 +213,29 @@ def test_bad_shape_from_a_raw_request_is_invalid_argument(server: ServerThread) 
     asyncio.run(main())
 
 
+def test_serialized_fast_path_answers_and_errors_typed(server: ServerThread) -> None:
+    """``infer_serialized`` (cnnctl bench's hot path): the same answer as the parsed call, and a
+    server error still arrives as the typed exception with the server's message."""
+    from cnnctl.clients import protocol
+    from cnnctl.protos import grpc_service_pb2 as pb
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as c:
+            info = await c.model_info("lenet5")
+            req = protocol.tensor_request(info, np.ones((3, 1, 32, 32), np.float32))
+            raw = await c.infer_serialized(req.SerializeToString())
+            parsed = await c.infer_request(req)
+            np.testing.assert_array_equal(
+                protocol.logits_of(pb.ModelInferResponse.FromString(raw), info),
+                protocol.logits_of(parsed, info))
+            req.model_name = "nope"
+            with pytest.raises(errors.NotFound) as exc:
+                await c.infer_serialized(req.SerializeToString())
+            assert exc.value.code is grpc.StatusCode.NOT_FOUND and "nope" in str(exc.value)
+
+    asyncio.run(main())
+
+
 def test_deadline_and_queue_full(artifact: Path) -> None:
     # A 300 ms batching window: a lone request waits in the queue long enough to time out, and a
     # one-place queue is full while it waits.
