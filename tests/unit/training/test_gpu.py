@@ -27,6 +27,17 @@ def test_cpu_amp_is_bf16_or_falls_back() -> None:
         assert not p.amp
 
 
+def test_cpu_amp_without_native_bf16_says_so_and_trains_fp32(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import cnnctl.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: False)
+    with caplog.at_level("WARNING", logger=loop.log.name):
+        p = resolve_precision(from_flags("resnet-mini", amp=True), torch.device("cpu"))
+    assert (p.amp, p.dtype) == (False, None)
+    assert "no native bf16" in caplog.text and "float32" in caplog.text
+
+
 def test_cpu_amp_trains(tmp_path: Path) -> None:
     if not cpu_bf16_works():
         pytest.skip("no bf16 autocast on this CPU")
