@@ -39,8 +39,14 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 # ---------------------------------------------------------------- load generator (its own process)
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _load(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
-                warmup: float) -> dict[str, float]:
+                warmup: float, server_pid: int | None = None) -> dict[str, float]:
     import grpc
 
     from cnnctl.protos import grpc_service_pb2 as pb
@@ -60,6 +66,16 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
         measure_from = start + warmup
         end = measure_from + seconds
 
+        cpu: list[float] = []
+
+        async def server_cpu() -> None:
+            # The server's CPU over the measured window: robust to the shared machine's load,
+            # unlike throughput, since other processes' work is not charged to it.
+            await asyncio.sleep(max(0.0, measure_from - loop.time()))
+            cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
+            await asyncio.sleep(max(0.0, end - loop.time()))
+            cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
+
         async def worker() -> None:
             for _ in range(10_000_000):  # bounded; the clock ends it
                 t0 = loop.time()
@@ -69,19 +85,27 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
                 if t0 >= measure_from:
                     latencies.append(loop.time() - t0)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        probes = [server_cpu()] if server_pid else []
+        await asyncio.gather(*(worker() for _ in range(concurrency)), *probes)
     lat = np.asarray(latencies)
-    return {"requests": len(lat), "seconds": seconds, "req_per_s": len(lat) / seconds,
-            "img_per_s": len(lat) * shape[0] / seconds,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+    out = {"requests": len(lat), "seconds": seconds, "req_per_s": len(lat) / seconds,
+           "img_per_s": len(lat) * shape[0] / seconds,
+           "p50_ms": float(np.percentile(lat, 50) * 1e3),
+           "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+    if cpu:
+        out["server_cpu_us_per_req"] = (cpu[2] - cpu[0]) * 1e6 / max(1, len(lat))
+        out["client_cpu_us_per_req"] = (cpu[3] - cpu[1]) * 1e6 / max(1, len(lat))
+    return out
 
 
 def measure(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
-            warmup: float = 1.0) -> dict[str, float]:
+            warmup: float = 1.0, server_pid: int | None = None) -> dict[str, float]:
+    pid = ["--server-pid", str(server_pid)] if server_pid else []
     out = subprocess.run(
         [sys.executable, __file__, "--load", address, "--model", model, "--shape",
          ",".join(map(str, shape)), "--concurrency", str(concurrency), "--seconds", str(seconds),
-         "--warmup", str(warmup)], capture_output=True, text=True, timeout=seconds + warmup + 60)
+         "--warmup", str(warmup), *pid], capture_output=True, text=True,
+        timeout=seconds + warmup + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout)
@@ -166,9 +190,16 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -
 
 
 # ---------------------------------------------------------------- the run
-def run_all(seconds: float, rounds: int) -> dict[str, object]:
+# Short names for --only: the setups this script can measure.
+SETUPS = ("null", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "ort")
+
+
+def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
+            concurrency: tuple[int, ...] = CONCURRENCY,
+            server_args: tuple[str, ...] = ()) -> dict[str, object]:
     from cnnctl.serving.testing import CliServer, make_artifact
 
+    start_load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
     print("building random-weight artifacts (lenet5, cifar-net-v3)...", flush=True)
     arts = {"lenet5": make_artifact(work / "lenet5", "lenet5"),
@@ -179,64 +210,82 @@ def run_all(seconds: float, rounds: int) -> dict[str, object]:
     def record(setup: str, model: str, batch: int, conc: int, res: dict[str, float]) -> None:
         row = {"setup": setup, "model": model, "request_batch": batch, "concurrency": conc, **res}
         rows.append(row)
+        cpu = res.get("server_cpu_us_per_req")
+        cpu_text = f"  server CPU {cpu:6.0f} µs/req" if cpu is not None else ""
         print(f"  {setup:28s} {model:13s} b{batch:<3d} c{conc:<3d} {res['img_per_s']:9.0f} img/s "
               f"{res['req_per_s']:8.0f} req/s  p50 {res['p50_ms']:7.2f} ms  p99 "
-              f"{res['p99_ms']:7.2f} ms", flush=True)
+              f"{res['p99_ms']:7.2f} ms{cpu_text}", flush=True)
 
     # Every server stays up for the whole run and the points are measured round-robin, `rounds`
     # times, keeping each point's median: the CPUs are shared with other work whose load drifts
     # over minutes, and interleaving spreads that drift evenly over the setups being compared.
     import contextlib
 
+    cnnctl = {  # short name -> (setup, model, extra serve flags)
+        "on-lenet5": ("cnnctl batching on", "lenet5", ()),
+        "off-lenet5": ("cnnctl batching off", "lenet5", ("--no-dynamic-batching",)),
+        "on-cifar": ("cnnctl batching on", "cifar-net-v3", ()),
+        "off-cifar": ("cnnctl batching off", "cifar-net-v3", ("--no-dynamic-batching",)),
+    }
     with contextlib.ExitStack() as stack:
         print("starting servers...", flush=True)
-        servers = {
-            ("null server", "lenet5"): stack.enter_context(NullServer()),
-            ("cnnctl batching on", "lenet5"): stack.enter_context(
-                CliServer(str(arts["lenet5"]), "--device", "cpu")),
-            ("cnnctl batching off", "lenet5"): stack.enter_context(
-                CliServer(str(arts["lenet5"]), "--device", "cpu", "--no-dynamic-batching")),
-            ("cnnctl batching on", "cifar-net-v3"): stack.enter_context(
-                CliServer(str(arts["cifar-net-v3"]), "--device", "cpu")),
-            ("cnnctl batching off", "cifar-net-v3"): stack.enter_context(
-                CliServer(str(arts["cifar-net-v3"]), "--device", "cpu", "--no-dynamic-batching")),
-        }
-        points = [(setup, model, 1, c) for (setup, model) in servers for c in CONCURRENCY]
-        points += [("cnnctl batching on", "lenet5", 64, c) for c in CONCURRENCY]
+        servers = {}
+        points = []
+        if "null" in only:
+            servers[("null server", "lenet5")] = stack.enter_context(NullServer())
+            points += [("null server", "lenet5", 1, c) for c in concurrency]
+        for short, (setup, model, flags) in cnnctl.items():
+            if short in only or (short == "on-lenet5" and "b64" in only):
+                servers[(setup, model)] = stack.enter_context(CliServer(
+                    str(arts[model]), "--device", "cpu", *flags, *server_args))
+            if short in only:
+                points += [(setup, model, 1, c) for c in concurrency]
+        if "b64" in only:
+            points += [("cnnctl batching on", "lenet5", 64, c) for c in concurrency]
         samples: dict[tuple[str, str, int, int], list[dict[str, float]]] = {p: [] for p in points}
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for point in points:
                 setup, model, batch, c = point
-                res = measure(servers[(setup, model)].address, model, [batch, *shapes[model]], c,
-                              seconds)
+                server = servers[(setup, model)]
+                res = measure(server.address, model, [batch, *shapes[model]], c, seconds,
+                              server_pid=server.proc.pid)
                 samples[point].append(res)
         for point in points:
             runs = sorted(samples[point], key=lambda res: res["img_per_s"])
             median = dict(runs[len(runs) // 2])
             median["rounds_img_per_s"] = [round(res["img_per_s"]) for res in samples[point]]
+            median["rounds_server_cpu_us_per_req"] = [
+                round(res["server_cpu_us_per_req"]) for res in samples[point]]
             record(*point, median)
-    print("3. in-process ONNX Runtime", flush=True)
-    for model, batch in (("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64)):
-        record("in-process ORT", model, batch, 1,
-               ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]], seconds))
+    if "ort" in only:
+        print("3. in-process ONNX Runtime", flush=True)
+        for model, batch in (("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1),
+                             ("cifar-net-v3", 64)):
+            record("in-process ORT", model, batch, 1,
+                   ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]], seconds))
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
         "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py --load)",
-        "seconds_per_point": seconds, "rounds": rounds,
+        "seconds_per_point": seconds, "rounds": rounds, "server_args": list(server_args),
+        "load_average_at_start": start_load,
         "load_average_at_end": os.getloadavg(), "rows": rows,
     }
 
 
 def table(result: dict[str, object]) -> str:
-    lines = ["| setup | model | request batch | concurrency | img/s | req/s | p50 ms | p99 ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setup | model | request batch | concurrency | img/s | req/s | p50 ms | p99 ms | "
+             "server CPU µs/req | img/s of the rounds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:  # type: ignore[union-attr]
+        cpu = r.get("server_cpu_us_per_req")
+        rounds = r.get("rounds_img_per_s")
         lines.append(f"| {r['setup']} | {r['model']} | {r['request_batch']} | {r['concurrency']} | "
                      f"{r['img_per_s']:.0f} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} |")
+                     f"{r['p99_ms']:.2f} | {'-' if cpu is None else f'{cpu:.0f}'} | "
+                     f"{'-' if rounds is None else ', '.join(map(str, rounds))} |")
     return "\n".join(lines)
 
 
@@ -267,7 +316,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=2.5, help="measured seconds per point")
     p.add_argument("--rounds", type=int, default=3, help="round-robin repetitions (median kept)")
+    p.add_argument("--only", default=",".join(SETUPS),
+                   help=f"comma-separated subset of: {', '.join(SETUPS)} (default: all)")
+    p.add_argument("--levels", default=",".join(map(str, CONCURRENCY)),
+                   help="comma-separated concurrency levels")
+    p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                   help="extra `cnnctl serve` flag for every cnnctl setup (repeatable), e.g. "
+                   "--server-arg=--inline-below-us=100")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON (+ .png)")
     p.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--server-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--null", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="lenet5", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1,1,32,32", help=argparse.SUPPRESS)
@@ -280,20 +338,26 @@ def main() -> None:
     if args.load:
         shape = [int(s) for s in args.shape.split(",")]
         print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
-                                           args.seconds, args.warmup))))
+                                           args.seconds, args.warmup, args.server_pid))))
         return
-    result = run_all(args.seconds, args.rounds)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = [s for s in only if s not in SETUPS]
+    if unknown:
+        p.error(f"--only: unknown setup {unknown[0]!r}; known: {', '.join(SETUPS)}")
+    levels = tuple(int(c) for c in args.levels.split(","))
+    result = run_all(args.seconds, args.rounds, only, levels, tuple(args.server_arg))
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, out)
     try:
-        plot(result, RESULTS.with_suffix(".png"))
+        plot(result, out.with_suffix(".png"))
     except ImportError:  # matplotlib is a dev dependency
         pass
     print()
     print(table(result))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
