@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -51,16 +51,13 @@ class _NoObserver:
         pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     inputs: np.ndarray
+    n: int  # images: inputs.shape[0]
     future: asyncio.Future[np.ndarray]
     enqueued: float  # loop.time()
     deadline: float | None  # loop.time(); None = no deadline
-    n: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.n = int(self.inputs.shape[0])
 
 
 class Batcher:
@@ -87,7 +84,7 @@ class Batcher:
         self._closing = False
         self.deadline_dropped = 0
         self._inline_s = config.inline_below_us / 1e6
-        self._per_image: float | None = None  # moving average of execution seconds per image
+        self._cost: dict[int, float] = {}  # batch size -> moving average of its CPU seconds
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -108,12 +105,14 @@ class Batcher:
             self.start()
         loop = self._loop
         assert loop is not None
-        pending = _Pending(inputs, loop.create_future(), loop.time(), deadline)
+        pending = _Pending(inputs, int(inputs.shape[0]), loop.create_future(), loop.time(),
+                           deadline)
         self._queue.append(pending)
         self._queued_images += pending.n
-        self._observer.queue_depth(len(self._queue))
         self._idle.clear()
         self._schedule()
+        if not self._scheduled:  # else the dispatch, later in this loop iteration, reports it
+            self._observer.queue_depth(len(self._queue))
         return await pending.future
 
     def close(self) -> None:
@@ -153,11 +152,11 @@ class Batcher:
                 due = self._queue[0].enqueued + self._delay
                 if due > now:  # not full, an instance idle: the oldest may wait for company
                     self._timer = loop.call_at(due, self._dispatch)
-                    return
+                    break
             batch = self._take(now)
-            self._observer.queue_depth(len(self._queue))
             if batch:
                 self._launch(batch)
+        self._observer.queue_depth(len(self._queue))
         self._check_idle()
 
     def _take(self, now: float) -> list[_Pending]:
@@ -189,45 +188,70 @@ class Batcher:
         p = self._queue.popleft()
         self._queued_images -= p.n
 
+    def _execute(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """In the pool: (output, wall seconds, CPU seconds of this thread)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        y = self._run(x)
+        return y, time.perf_counter() - wall, time.thread_time() - cpu
+
     def _launch(self, batch: list[_Pending]) -> None:
         self._free -= 1
         x = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         images = int(x.shape[0])
-        start = time.perf_counter()
-        if self._per_image is not None and self._per_image * images <= self._inline_s:
-            # Cheaper to compute than to hand to a thread (see the module docstring).
-            future = self._loop.create_future()  # type: ignore[union-attr]
+        cost = self._cost.get(images)
+        if cost is not None and cost <= self._inline_s:
+            # Cheaper to compute than to hand to a thread and back (see BatchingConfig).
+            start = time.perf_counter()
             try:
-                future.set_result(self._run(x))
+                y = self._run(x)
             except Exception as exc:  # noqa: BLE001 - delivered to this batch's waiters
-                future.set_exception(exc)
-            self._finish(batch, images, start, future)
-            return
-        future = self._loop.run_in_executor(self._executor, self._run, x)  # type: ignore[union-attr]
-        future.add_done_callback(functools.partial(self._finish, batch, images, start))
+                self._free += 1
+                self._fail(batch, exc)
+                return
+            seconds = time.perf_counter() - start  # on the loop thread, wall time is its cost
+            self._free += 1
+            self._deliver(batch, images, (y, seconds, seconds))
+            return  # _dispatch, our caller, goes on with the queue
+        future = self._loop.run_in_executor(  # type: ignore[union-attr]
+            self._executor, self._execute, x)
+        future.add_done_callback(functools.partial(self._finish, batch, images))
 
-    def _finish(self, batch: list[_Pending], images: int, start: float,
-                future: asyncio.Future[np.ndarray]) -> None:
+    def _finish(self, batch: list[_Pending], images: int,
+                future: asyncio.Future[tuple[np.ndarray, float, float]]) -> None:
         self._free += 1
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is not None:  # every waiter of this batch gets the failure; the others go on
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+        if exc is not None:
+            self._fail(batch, exc)
         else:
-            y = future.result()
-            seconds = time.perf_counter() - start
-            self._observer.executed(images, seconds, len(batch))
-            per_image = seconds / images
-            self._per_image = per_image if self._per_image is None else (
-                0.9 * self._per_image + 0.1 * per_image)
-            offset = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result(y[offset:offset + p.n])
-                offset += p.n
+            self._deliver(batch, images, future.result())
         self._schedule()
         self._check_idle()
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+        for p in batch:  # every waiter of this batch gets the failure; the others go on
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    def _deliver(self, batch: list[_Pending], images: int,
+                 result: tuple[np.ndarray, float, float]) -> None:
+        y, seconds, cpu = result
+        self._observer.executed(images, seconds, len(batch))
+        # The thread's CPU time, not the wall time: it is what running inline would block the
+        # loop for, and unlike the wall time it leaves out the wait for the GIL after a pooled run
+        # (up to the 5 ms switch interval when the loop is busy).
+        cost = self._cost.get(images)
+        self._cost[images] = cpu if cost is None else 0.9 * cost + 0.1 * cpu
+        if len(batch) == 1:
+            p = batch[0]
+            if not p.future.done():
+                p.future.set_result(y)
+            return
+        offset = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(y[offset:offset + p.n])
+            offset += p.n
 
     def _check_idle(self) -> None:
         if not self._queue and self._free == self._instances:

@@ -21,11 +21,17 @@ class BatchingConfig:
     # company to wait for) and gains nothing clear at concurrency 64.
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024  # requests waiting per model; beyond it RESOURCE_EXHAUSTED
-    # A batch expected to compute in less than this (µs, from a moving average of past batches)
-    # runs on the event loop thread: handing it to the thread pool and back costs the loop more
-    # (measured ~140 µs of CPU per hand-off here, vs ~50-70 µs for lenet5 at batch 1). 0 = always
-    # use the pool.
-    inline_below_us: float = 0.0
+    # A batch expected to compute in less than this (µs of CPU, a moving average per batch size;
+    # a size not yet seen runs in the pool first) runs on the event loop thread instead of the
+    # ORT thread pool. The hand-off to the pool and back costs ~120-140 µs of CPU per batch
+    # (measured: a do-nothing gRPC server's CPU per request rose from 493 to 614 µs at
+    # concurrency 1, 389 to 531 at 8, when it added one run_in_executor), and a gRPC call costs
+    # the loop ~400 µs of its own, so a batch shorter than this delays the others less than one
+    # more call would. lenet5 batches up to ~8 images stay inline; cifar-net-v3 (~700 µs an
+    # image) never does. Measured end to end (docs/serving.md): 0 → 200 µs cut lenet5's server
+    # CPU per batch-1 request by 50-190 µs. Never on CUDA (repository.py): there the thread's
+    # CPU time says nothing about the wait. 0 = always the pool.
+    inline_below_us: float = 200.0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ versions of one model may be served; an empty version in a request means the hig
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from cnnctl.export.manifest import MANIFEST_NAME, Manifest, load_manifest
 from cnnctl.serving.batcher import Batcher
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.metrics import ModelMetrics, ServerMetrics
-from cnnctl.serving.runtime import OrtModel
+from cnnctl.serving.runtime import CUDA, OrtModel
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class ModelRepository:
                     f"model '{m.name}' version '{m.version}' is in both {versions[m.version].directory}"
                     f" and {m.directory}; serve one of them")
             versions[m.version] = m
+        # An empty version in a request means the highest: looked up once, not per request.
+        self._latest = {name: versions[max(versions, key=_version_key)]
+                        for name, versions in self._models.items()}
 
     @classmethod
     def load(cls, config: ServerConfig, metrics: ServerMetrics) -> ModelRepository:
@@ -82,7 +86,10 @@ class ModelRepository:
             runtime = OrtModel(d, manifest, device=config.device, instances=config.instances,
                                intra_op_threads=config.intra_op_threads)
             model_metrics = metrics.for_model(manifest.name, manifest.version)
-            batcher = Batcher(manifest.name, runtime.run, config.batching, runtime.executor,
+            batching = config.batching
+            if runtime.info.provider == CUDA:  # a GPU run waits rather than computes on the CPU
+                batching = dataclasses.replace(batching, inline_below_us=0.0)
+            batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
                               config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
                                       batcher, model_metrics))
@@ -104,7 +111,7 @@ class ModelRepository:
         if versions is None:
             raise NotFoundError(f"unknown model '{name}'; served models: {known(self.names())}")
         if not version:
-            return versions[max(versions, key=_version_key)]
+            return self._latest[name]
         model = versions.get(version)
         if model is None:
             raise NotFoundError(f"model '{name}' has no version '{version}'; served versions: "

@@ -128,6 +128,34 @@ def test_tiny_batches_run_inline_when_asked() -> None:
     assert "MainThread" not in run(main(0))
 
 
+def test_inline_is_decided_per_batch_size_from_its_cpu_time() -> None:
+    async def main() -> dict[int, set[str]]:
+        import threading
+
+        threads: dict[int, set[str]] = {}
+
+        def model(x: np.ndarray) -> np.ndarray:
+            threads.setdefault(int(x.shape[0]), set()).add(threading.current_thread().name)
+            if x.shape[0] > 1:  # the big batches burn CPU well past the threshold
+                end = time.thread_time() + 0.005
+                while time.thread_time() < end:
+                    pass
+            return x[:, :1, 0, 0]
+
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1000),
+                    executor=None)
+        b.start()
+        for _ in range(3):
+            await b.submit(rows(1, 1.0))
+            await b.submit(rows(4, 1.0))
+        await b.drain()
+        return threads
+
+    threads = run(main())
+    assert len(threads[1]) == 2 and "MainThread" in threads[1]  # pool once, then inline
+    assert "MainThread" not in threads[4]  # 5 ms of CPU each time: always the pool
+
+
 def test_expired_requests_are_dropped_without_computing() -> None:
     async def main() -> None:
         model = FakeModel(delay=0.05)
