@@ -7,7 +7,8 @@ MNIST test split (full 10k from --data-dir if present, else mnist-sample's 2k).
 
     flock /tmp/cnnctl-bench.lock .venv/bin/python bench/export_speed.py --out bench/results/export_speed.json
 
-Each timing: warm-up, then repeated runs of at least --min-seconds; the median of --repeats is kept.
+Each timing: warm-up, then --repeats rounds in which eager, ORT fp32 and ORT int8 take turns, each
+running for at least --min-seconds; the median per runtime is kept.
 Both runtimes get the same thread count (--threads, default: all cores).
 """
 
@@ -66,21 +67,25 @@ def train_checkpoint(name: str, epochs: int, seed: int = 0) -> dict[str, Any]:
                            epoch=epochs)
 
 
-def time_it(fn: Callable[[], Any], min_seconds: float, repeats: int) -> float:
-    """Median seconds per call."""
-    for _ in range(3):
-        fn()
-    per_call = []
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
+def time_round_robin(fns: dict[str, Callable[[], Any]], min_seconds: float, repeats: int
+                     ) -> dict[str, float]:
+    """Median seconds per call of each function. The repeats take turns (eager, ORT fp32, ORT
+    int8, eager, ...) so that load from anything else on the shared cores hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(3):
             fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        per_call.append(elapsed / n)
-    return statistics.median(per_call)
+    per_call: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+            per_call[key].append(elapsed / n)
+    return {k: statistics.median(v) for k, v in per_call.items()}
 
 
 def ort_session(path: Path, threads: int) -> Any:
@@ -146,9 +151,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     }
     for batch in BATCHES:
         x = np.ascontiguousarray(x_test[:batch])
-        result["images_per_s"][str(batch)] = {
-            k: round(batch / time_it(lambda r=r: r(x), args.min_seconds, args.repeats), 1)
-            for k, r in runners.items()}
+        seconds = time_round_robin({k: (lambda r=r: r(x)) for k, r in runners.items()},
+                                   args.min_seconds, args.repeats)
+        result["images_per_s"][str(batch)] = {k: round(batch / s, 1) for k, s in seconds.items()}
         print(f"{name} batch {batch}: {result['images_per_s'][str(batch)]}", file=sys.stderr)
     return result
 
