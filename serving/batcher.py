@@ -11,7 +11,9 @@ Why callbacks and not a dispatcher task: under load the event loop, not the mode
 bottleneck (a gRPC call costs ~450 µs of the loop thread, a lenet5 image ~70 µs of ORT), so the
 batcher must add as few loop steps as it can. Dispatch is a plain ``call_soon`` callback, which
 also lets every RPC handler already runnable in this loop iteration enqueue first; the model runs
-in its thread pool and its completion is one more callback. All state is touched only on the loop.
+in its thread pool and its completion is one more callback; a batch whose size has computed in
+less than ``inline_below_us`` of CPU runs on the loop itself (BatchingConfig says why). All state is
+touched only on the loop.
 """
 
 from __future__ import annotations
@@ -63,10 +65,13 @@ class _Pending:
 class Batcher:
     def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], config: BatchingConfig,
                  executor: Executor | None = None, instances: int = 1,
-                 observer: BatchObserver | None = None) -> None:
-        """``run`` is blocking (it computes one merged batch); it runs in ``executor``."""
+                 observer: BatchObserver | None = None,
+                 run_inline: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """``run`` is blocking (it computes one merged batch); it runs in ``executor``.
+        ``run_inline`` (default: ``run``) computes the batches cheap enough for the loop thread."""
         self.name = name
         self._run = run
+        self._run_inline = run_inline or run
         self._executor = executor
         self._config = config
         self._max = config.max_batch_size if config.enabled else 1
@@ -203,7 +208,7 @@ class Batcher:
             # Cheaper to compute than to hand to a thread and back (see BatchingConfig).
             start = time.perf_counter()
             try:
-                y = self._run(x)
+                y = self._run_inline(x)
             except Exception as exc:  # noqa: BLE001 - delivered to this batch's waiters
                 self._free += 1
                 self._fail(batch, exc)

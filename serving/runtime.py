@@ -92,12 +92,17 @@ def choose_provider(device: str, probe_model: str | Path) -> str:
     return CPU
 
 
+# Largest model file that also gets a 1-thread session for small batches run inline (bytes).
+INLINE_SESSION_MAX_BYTES = 16 << 20
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     provider: str
     precision: str  # of the model file loaded
     path: str
-    intra_op_threads: int
+    intra_op_threads: int  # of the pool's session
+    inline_session: bool = False  # a second, 1-thread session for small batches on the loop
 
 
 class OrtModel:
@@ -117,11 +122,34 @@ class OrtModel:
             entry = manifest.file("onnx", "fp16") or fp32
         if entry.precision not in ("fp32", "fp16"):
             raise ArtifactError(f"{artifact_dir}: cannot serve an {entry.precision} ONNX file")
-        # Leave one core to the gRPC event loop: measured on the 2-core bench machine, a second
-        # ORT thread halves lenet5's batch-1 speed (62 vs 31 µs: waking the pool costs more than
-        # it saves) and gains under 10% at batch 64.
+        # The pool's runs get every core of their instance: measured end to end on the 2-core
+        # bench machine (docs/serving.md), 2 threads instead of 1 raised lenet5's batch-64
+        # throughput by 17-43% and cifar-net-v3's batch-1 by 11-38%, though the gRPC loop shares
+        # the cores. Small batches run on the loop thread (the batcher's inline path) in a
+        # 1-thread session of their own: there waking a second thread costs more than it saves
+        # (lenet5 batch 1: ~60 µs with 1 thread, ~85 with 2). That session doubles the model's
+        # memory, so only small models get it; a larger one never computes a batch in the
+        # batcher's inline threshold anyway (each weight is read at least once per image).
         cores = os.cpu_count() or 1
-        threads = intra_op_threads or max(1, (cores - 1) // max(1, instances))
+        threads = intra_op_threads or max(1, cores // max(1, instances))
+        providers = [CUDA, CPU] if provider == CUDA else [CPU]
+        path = artifact_dir / entry.path
+        self.session = self._session(ort, path, providers, threads)
+        self._inline_session = self.session
+        if (provider == CPU and threads > 1
+                and path.stat().st_size <= INLINE_SESSION_MAX_BYTES):
+            self._inline_session = self._session(ort, path, providers, 1)
+        self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads,
+                                self._inline_session is not self.session)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self._dtype = np.float16 if entry.precision == "fp16" else np.float32
+        self._ort = ort
+        self.executor = ThreadPoolExecutor(max_workers=max(1, instances),
+                                           thread_name_prefix=f"ort-{manifest.name}")
+
+    @staticmethod
+    def _session(ort, path: Path, providers: list[str], threads: int):  # type: ignore[no-untyped-def]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -130,16 +158,15 @@ class OrtModel:
         # Spinning worker threads would take the cores the gRPC threads need between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        providers = [CUDA, CPU] if provider == CUDA else [CPU]
-        path = artifact_dir / entry.path
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self._dtype = np.float16 if entry.precision == "fp16" else np.float32
-        self._ort = ort
-        self.executor = ThreadPoolExecutor(max_workers=max(1, instances),
-                                           thread_name_prefix=f"ort-{manifest.name}")
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+    def run_inline(self, x: np.ndarray) -> np.ndarray:
+        """Blocking, for small batches run on the event loop thread: one ORT thread."""
+        if self._inline_session is self.session:
+            return self.run(x)
+        x = np.ascontiguousarray(x, dtype=self._dtype)
+        return np.asarray(self._inline_session.run([self.output_name], {self.input_name: x})[0],
+                          dtype=np.float32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Blocking: run one batch (N, C, H, W) float32 and return the float32 output."""
