@@ -11,9 +11,11 @@ Why callbacks and not a dispatcher task: under load the event loop, not the mode
 bottleneck (a gRPC call costs ~450 µs of the loop thread, a lenet5 image ~70 µs of ORT), so the
 batcher must add as few loop steps as it can. Dispatch is a plain ``call_soon`` callback, which
 also lets every RPC handler already runnable in this loop iteration enqueue first; the model runs
-in its thread pool and its completion is one more callback; a batch whose size has computed in
-less than ``inline_below_us`` of CPU runs on the loop itself (BatchingConfig says why). All state is
-touched only on the loop.
+in its thread pool and its completion is one more callback. A batch whose size has computed in
+less than ``inline_below_us`` of CPU runs on the loop itself (BatchingConfig says why), and a
+request that finds the model idle and the queue empty with no queue delay, and is that cheap,
+is computed at once in ``submit`` without suspending its caller. All state is touched only on
+the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -112,6 +115,16 @@ class Batcher:
         assert loop is not None
         pending = _Pending(inputs, int(inputs.shape[0]), loop.create_future(), loop.time(),
                            deadline)
+        if (not self._queue and self._free > 0 and self._delay == 0.0
+                and self._cost.get(pending.n, math.inf) <= self._inline_s
+                and (deadline is None or deadline > pending.enqueued)):
+            # Idle, no queue delay, and cheap: compute now, in this step of the caller's task.
+            # Waiting a loop iteration for company costs two more loop steps per request, and
+            # under load grpc starts the handlers about one per iteration anyway (measured:
+            # most executions held one request at concurrency 64).
+            self._observer.queued_for(0.0)
+            self._launch([pending])
+            return pending.future.result()
         self._queue.append(pending)
         self._queued_images += pending.n
         self._idle.clear()

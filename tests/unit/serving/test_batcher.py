@@ -156,6 +156,24 @@ def test_inline_is_decided_per_batch_size_from_its_cpu_time() -> None:
     assert "MainThread" not in threads[4]  # 5 ms of CPU each time: always the pool
 
 
+def test_cheap_request_to_an_idle_model_is_computed_without_suspending() -> None:
+    async def main() -> list[str]:
+        events: list[str] = []
+        b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6))
+        b.start()
+        await b.submit(rows(1, 1.0))  # the first of its size is measured in the pool
+        loop = asyncio.get_running_loop()
+        loop.call_soon(events.append, "loop ran")
+        out = await b.submit(rows(1, 3.0))
+        events.append("answered")
+        np.testing.assert_allclose(out, [[24.0]])
+        await asyncio.sleep(0)
+        await b.drain()
+        return events
+
+    assert run(main()) == ["answered", "loop ran"]
+
+
 def test_expired_requests_are_dropped_without_computing() -> None:
     async def main() -> None:
         model = FakeModel(delay=0.05)
