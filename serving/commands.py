@@ -33,8 +33,8 @@ _BATCH = BatchingConfig()
 @click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
               help="Model executions in flight at once per model.")
 @click.option("--intra-op-threads", type=int, default=0,
-              help="ONNX Runtime threads per pooled execution (0: cores / instances); "
-              "small batches run inline use 1.")
+              help="ONNX Runtime threads for big batches (0: cores / instances); small "
+              "batches use 1.")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULT.device, show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics here.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)

@@ -43,7 +43,7 @@ class ServerConfig:
     batching: BatchingConfig = BatchingConfig()
     instances: int = 1  # model executions in flight at once per model
     device: str = "auto"  # auto | cpu | cuda
-    intra_op_threads: int = 0  # ORT threads per pooled execution; 0 = cores / instances
+    intra_op_threads: int = 0  # ORT threads for big batches (runtime.py); 0 = cores / instances
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,8 +94,11 @@ def choose_provider(device: str, probe_model: str | Path) -> str:
     return CPU
 
 
-# Largest model file that also gets a 1-thread session for small batches run inline (bytes).
+# Largest model file that also gets a 1-thread session for small batches (bytes).
 INLINE_SESSION_MAX_BYTES = 16 << 20
+# A batch expected to take one thread at least this long uses every core (s): in-process,
+# 2 threads beat 1 for lenet5 from ~32 images (~650 µs), not at 16 (~330 µs).
+PARALLEL_FROM_S = 500e-6
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,9 @@ class RuntimeInfo:
     provider: str
     precision: str  # of the model file loaded
     path: str
-    intra_op_threads: int  # of the pool's session
-    inline_session: bool = False  # a second, 1-thread session for small batches on the loop
+    intra_op_threads: int  # of the session for big batches
+    single_thread_session: bool = False  # a second, 1-thread session for small batches
+    parallel_from: int = 1  # batches of at least this many images use intra_op_threads
 
 
 class OrtModel:
@@ -122,27 +128,29 @@ class OrtModel:
             entry = manifest.file("onnx", "fp16") or fp32
         if entry.precision not in ("fp32", "fp16"):
             raise ArtifactError(f"{artifact_dir}: cannot serve an {entry.precision} ONNX file")
-        # The pool's runs get every core of their instance: measured end to end on the 2-core
-        # bench machine (docs/serving.md), 2 threads instead of 1 raised lenet5's batch-64
-        # throughput by 17-43% and cifar-net-v3's batch-1 by 11-38%, though the gRPC loop shares
-        # the cores. Small batches run on the loop thread (the batcher's inline path) in a
-        # 1-thread session of their own: there waking a second thread costs more than it saves
-        # (lenet5 batch 1: ~60 µs with 1 thread, ~85 with 2). That session doubles the model's
-        # memory, so only small models get it; a larger one never computes a batch in the
-        # batcher's inline threshold anyway (each weight is read at least once per image).
+        # A big batch gets every core of its instance: measured end to end on the 2-core bench
+        # machine (docs/serving.md), 2 threads instead of 1 raised lenet5's batch-64 throughput
+        # by 24-43% and cifar-net-v3's batch-1 by 11-38%, though the gRPC loop shares the cores.
+        # A small one runs in a 1-thread session of its own: there waking a second thread costs
+        # more than it saves (lenet5: batch 1 ~60 µs with 1 thread vs ~85 with 2, batch 16
+        # ~330 vs ~390), and lenet5 batch-1 traffic at concurrency 64, merged into batches of
+        # 10-30 images, ran 1539 req/s with one session of 2 threads vs 1805 with 1. The
+        # 1-thread session doubles the model's memory, so only model files under 16 MiB get one.
         cores = os.cpu_count() or 1
         threads = intra_op_threads or max(1, cores // max(1, instances))
         providers = [CUDA, CPU] if provider == CUDA else [CPU]
         path = artifact_dir / entry.path
         self.session = self._session(ort, path, providers, threads)
-        self._inline_session = self.session
-        if (provider == CPU and threads > 1
-                and path.stat().st_size <= INLINE_SESSION_MAX_BYTES):
-            self._inline_session = self._session(ort, path, providers, 1)
-        self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads,
-                                self._inline_session is not self.session)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self._single = self.session
+        self._parallel_from = 1  # images: batches this large use self.session
+        if (provider == CPU and threads > 1
+                and path.stat().st_size <= INLINE_SESSION_MAX_BYTES):
+            self._single = self._session(ort, path, providers, 1)
+            self._parallel_from = self._calibrate(manifest)
+        self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads,
+                                self._single is not self.session, self._parallel_from)
         self._dtype = np.float16 if entry.precision == "fp16" else np.float32
         self._ort = ort
         self.executor = ThreadPoolExecutor(max_workers=max(1, instances),
@@ -160,12 +168,23 @@ class OrtModel:
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=providers)
 
+    def _calibrate(self, manifest: Manifest) -> int:
+        """The batch size from which the all-core session is used: where one thread would take
+        PARALLEL_FROM_S, timed here on zeros (best of 3 runs of 8 images)."""
+        x = np.zeros([8, *manifest.input.shape[1:]], dtype=np.float32)
+        best = math.inf
+        for _ in range(4):  # the first run warms the session up
+            start = time.perf_counter()
+            self._single.run([self.output_name], {self.input_name: x})
+            best = min(best, time.perf_counter() - start)
+        return max(1, math.ceil(PARALLEL_FROM_S / (best / 8)))
+
     def run_inline(self, x: np.ndarray) -> np.ndarray:
-        """Blocking, for small batches run on the event loop thread: one ORT thread."""
-        if self._inline_session is self.session:
+        """Blocking, for the small batches run on the event loop thread: one ORT thread."""
+        if self._single is self.session:
             return self.run(x)
         x = np.ascontiguousarray(x, dtype=self._dtype)
-        return np.asarray(self._inline_session.run([self.output_name], {self.input_name: x})[0],
+        return np.asarray(self._single.run([self.output_name], {self.input_name: x})[0],
                           dtype=np.float32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -178,7 +197,8 @@ class OrtModel:
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         else:
-            out = self.session.run([self.output_name], {self.input_name: x})[0]
+            session = self.session if x.shape[0] >= self._parallel_from else self._single
+            out = session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The ORT wrapper: the pool's session and the 1-thread session for small batches run inline."""
+"""The ORT wrapper: the all-core session for big batches, the 1-thread one for small batches."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ def test_small_model_gets_a_one_thread_inline_session_with_equal_answers(
     d = artifacts["lenet5"]
     model = OrtModel(d, load_manifest(d), device="cpu", intra_op_threads=2)
     try:
-        assert model.info.intra_op_threads == 2 and model.info.inline_session
-        x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
-        np.testing.assert_allclose(model.run_inline(x), reference(x), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(model.run(x), reference(x), rtol=1e-4, atol=1e-5)
+        assert model.info.intra_op_threads == 2 and model.info.single_thread_session
+        assert model.info.parallel_from > 1  # lenet5 computes a small batch well under 500 µs
+        rng = np.random.default_rng(0)
+        for n in (3, model.info.parallel_from):  # the 1-thread session, then the 2-thread one
+            x = rng.standard_normal((n, 1, 32, 32), dtype=np.float32)
+            np.testing.assert_allclose(model.run_inline(x), reference(x), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(model.run(x), reference(x), rtol=1e-4, atol=1e-5)
     finally:
         model.close()
 
@@ -29,10 +32,10 @@ def test_no_inline_session_for_one_thread_or_a_big_file(artifacts: dict[str, Pat
                                                         monkeypatch: Any) -> None:
     d = artifacts["lenet5"]
     one = OrtModel(d, load_manifest(d), device="cpu", intra_op_threads=1)
-    assert not one.info.inline_session  # the pool's session is already single-threaded
+    assert not one.info.single_thread_session  # the pool's session is already single-threaded
     monkeypatch.setattr(runtime, "INLINE_SESSION_MAX_BYTES", 1000)
     big = OrtModel(d, load_manifest(d), device="cpu", intra_op_threads=2)
-    assert not big.info.inline_session  # memory: a big model gets one session
+    assert not big.info.single_thread_session  # memory: a big model gets one session
     x = np.zeros((1, 1, 32, 32), dtype=np.float32)
     np.testing.assert_array_equal(big.run_inline(x), big.run(x))
     one.close()
