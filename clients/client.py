@@ -408,10 +408,9 @@ class AsyncClient(_ClientBase):
     async def infer_serialized(self, payload: bytes, timeout: float | None = None) -> bytes:
         """One ModelInferRequest already serialised; the serialised response, unparsed. No
         retries: every call counts once (``cnnctl bench``'s hot path; errors still arrive typed,
-        from the gRPC status)."""
+        from the gRPC status). ``timeout=None`` sends no deadline: the caller bounds the wait."""
         try:
-            return await self._infer_raw(payload, timeout=self.timeout if timeout is None
-                                         else timeout)
+            return await self._infer_raw(payload, timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, attempts=1) from None
 

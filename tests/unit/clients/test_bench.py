@@ -65,3 +65,26 @@ def test_images_preprocessed_on_the_client(server: ServerThread, tmp_path: Path,
                            progress=False)
     [row] = b.run_grpc(config)
     assert row.errors == 0 and row.requests > 0 and row.batch == 2
+
+
+def test_an_unanswered_request_is_counted_when_the_level_gives_up() -> None:
+    """The timed loop sends no per-request deadline; one watchdog per level counts what is still
+    unanswered ``timeout_s`` after the level's end as DEADLINE_EXCEEDED, and the level ends."""
+    import asyncio
+
+    class Hanging:
+        calls = 0
+
+        async def infer_serialized(self, payload: bytes, timeout: float | None = None) -> bytes:
+            assert timeout is None
+            Hanging.calls += 1
+            if Hanging.calls > 3:
+                await asyncio.sleep(60)
+            return b""
+
+    config = b.BenchConfig(levels=(2,), duration_s=0.2, warmup_s=0.0, timeout_s=0.3,
+                           progress=False)
+    start = time.monotonic()
+    row = asyncio.run(b._level(Hanging(), [b"x"], 2, config))
+    assert time.monotonic() - start < 2
+    assert row.errors == 2 and row.requests == 3
