@@ -110,18 +110,6 @@ def _requests(client: Any, info: Any, config: BenchConfig) -> list[Any]:
     return [protocol.bytes_request(info, [to_encoded(x) for x in g]) for g in groups]
 
 
-def _check_answer(response: Any, request: Any, info: Any) -> None:
-    """The first answer holds one row of logits per image sent (a load test of a broken model
-    would otherwise time nothing but errors it never reads)."""
-    from cnnctl.clients import protocol
-
-    logits = protocol.logits_of(response, info)
-    sent = int(request.inputs[0].shape[0])
-    if logits.ndim != 2 or logits.shape[0] != sent:
-        raise UsageError(f"model '{info.name}' answered a batch of {sent} with logits of shape "
-                         f"{list(logits.shape)}")
-
-
 async def _level(client: Any, pool: list[Any], concurrency: int, config: BenchConfig) -> BenchRow:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -182,6 +170,7 @@ async def _level(client: Any, pool: list[Any], concurrency: int, config: BenchCo
 
 
 async def run_grpc_async(config: BenchConfig) -> list[BenchRow]:
+    from cnnctl.clients import protocol
     from cnnctl.clients.client import AsyncClient
 
     async with AsyncClient(config.server, timeout=config.timeout_s, retries=0, tls=config.tls,
@@ -194,7 +183,7 @@ async def run_grpc_async(config: BenchConfig) -> list[BenchRow]:
         # and leaves the answers unparsed (as perf_analyzer does), so the client's own CPU per
         # request stays low: errors still come back as gRPC status codes.
         first = await client.infer_request(requests[0], timeout=config.timeout_s)
-        _check_answer(first, requests[0], info)
+        protocol.answered_logits(first, requests[0], info)  # a broken model fails here, once
         pool = [r.SerializeToString() for r in requests]
         rows = []
         for level in config.levels:

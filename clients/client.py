@@ -188,13 +188,8 @@ class _ClientBase:
     @staticmethod
     def _join(info: ModelInfo, requests: list[pb.ModelInferRequest],
               responses: list[pb.ModelInferResponse]) -> np.ndarray:
-        parts = []
-        for req, resp in zip(requests, responses):
-            logits = protocol.logits_of(resp, info)
-            sent = int(req.inputs[0].shape[0])
-            if logits.shape[0] != sent:
-                raise UsageError(f"server answered {logits.shape[0]} rows for {sent} images")
-            parts.append(logits)
+        parts = [protocol.answered_logits(resp, req, info)
+                 for req, resp in zip(requests, responses)]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 

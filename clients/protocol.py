@@ -169,6 +169,17 @@ def logits_of(response: pb.ModelInferResponse, info: ModelInfo) -> np.ndarray:
     raise UsageError(f"response has no output '{info.output_name}' (got {names})")
 
 
+def answered_logits(response: pb.ModelInferResponse, request: pb.ModelInferRequest,
+                    info: ModelInfo) -> np.ndarray:
+    """The response's logits, checked to hold one row per image the request sent."""
+    logits = logits_of(response, info)
+    sent = int(request.inputs[0].shape[0])
+    if logits.ndim != 2 or logits.shape[0] != sent:
+        raise UsageError(f"model '{info.name}' answered {sent} images with logits of shape "
+                         f"{list(logits.shape)}")
+    return logits
+
+
 # --- results -----------------------------------------------------------------------------------
 
 
