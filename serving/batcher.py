@@ -68,13 +68,11 @@ class _Pending:
 class Batcher:
     def __init__(self, name: str, run: Callable[[np.ndarray], np.ndarray], config: BatchingConfig,
                  executor: Executor | None = None, instances: int = 1,
-                 observer: BatchObserver | None = None,
-                 run_inline: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        """``run`` is blocking (it computes one merged batch); it runs in ``executor``.
-        ``run_inline`` (default: ``run``) computes the batches cheap enough for the loop thread."""
+                 observer: BatchObserver | None = None) -> None:
+        """``run`` is blocking (it computes one merged batch); it runs in ``executor``, or on the
+        loop thread for the batches cheap enough (BatchingConfig.inline_below_us)."""
         self.name = name
         self._run = run
-        self._run_inline = run_inline or run
         self._executor = executor
         self._config = config
         self._max = config.max_batch_size if config.enabled else 1
@@ -221,7 +219,7 @@ class Batcher:
             # Cheaper to compute than to hand to a thread and back (see BatchingConfig).
             wall, cpu = time.perf_counter(), time.thread_time()
             try:
-                y = self._run_inline(x)
+                y = self._run(x)
             except Exception as exc:  # noqa: BLE001 - delivered to this batch's waiters
                 self._free += 1
                 self._fail(batch, exc)

@@ -90,7 +90,7 @@ class ModelRepository:
             if runtime.info.provider == CUDA:  # a GPU run waits rather than computes on the CPU
                 batching = dataclasses.replace(batching, inline_below_us=0.0)
             batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
-                              config.instances, model_metrics, run_inline=runtime.run_inline)
+                              config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
                                       batcher, model_metrics))
             log.info("loaded %s version %s from %s (%s, %s, %d intra-op threads)", manifest.name,

@@ -179,16 +179,10 @@ class OrtModel:
             best = min(best, time.perf_counter() - start)
         return max(1, math.ceil(PARALLEL_FROM_S / (best / 8)))
 
-    def run_inline(self, x: np.ndarray) -> np.ndarray:
-        """Blocking, for the small batches run on the event loop thread: one ORT thread."""
-        if self._single is self.session:
-            return self.run(x)
-        x = np.ascontiguousarray(x, dtype=self._dtype)
-        return np.asarray(self._single.run([self.output_name], {self.input_name: x})[0],
-                          dtype=np.float32)
-
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Blocking: run one batch (N, C, H, W) float32 and return the float32 output."""
+        """Blocking: run one batch (N, C, H, W) float32 and return the float32 output. Batches
+        smaller than ``parallel_from`` run in the 1-thread session (in the pool or, when cheap
+        enough, on the event loop thread: batcher.py), larger ones on every core."""
         x = np.ascontiguousarray(x, dtype=self._dtype)
         if self.info.provider == CUDA:
             binding = self.session.io_binding()
