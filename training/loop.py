@@ -110,8 +110,9 @@ def _cpu_count() -> int:
 
 
 def cpu_bf16_native() -> bool:
-    """oneDNN has bf16 kernels for this CPU (AVX-512 BF16 / AMX, or AVX-512 emulation); without
-    them bf16 autocast falls back to slow reference code (seen on a 2-core AVX2 EPYC)."""
+    """oneDNN has bf16 kernels for this CPU (native with AVX-512 BF16 / AMX, emulated with plain
+    AVX-512); without them bf16 autocast falls back to slow reference code (seen on a 2-core AVX2
+    EPYC)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else True
@@ -152,8 +153,10 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> Precision:
         if cpu_bf16_works():
             dtype = torch.bfloat16
         else:
-            log.warning("--amp: this CPU has no native bf16 kernels (oneDNN: no AVX-512 BF16/AMX; "
-                        "emulated bf16 would be slower than float32); training in float32")
+            why = ("this CPU has no native bf16 kernels (oneDNN needs AVX-512; emulated bf16 "
+                   "would be slower than float32)" if not cpu_bf16_native()
+                   else "bf16 autocast does not work on this CPU")
+            log.warning("--amp: %s; training in float32", why)
             amp = False
     # channels_last: 1.25-1.3× faster for resnet-mini on the CPU (4435 vs 3537 img/s at batch 64)
     # and the layout cuDNN's tensor-core kernels want.

@@ -38,6 +38,18 @@ def test_cpu_amp_without_native_bf16_says_so_and_trains_fp32(
     assert "no native bf16" in caplog.text and "float32" in caplog.text
 
 
+def test_cpu_amp_whose_trial_conv_fails_says_that(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import cnnctl.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(loop, "cpu_bf16_works", lambda: False)
+    with caplog.at_level("WARNING", logger=loop.log.name):
+        p = resolve_precision(from_flags("resnet-mini", amp=True), torch.device("cpu"))
+    assert (p.amp, p.dtype) == (False, None)
+    assert "does not work" in caplog.text and "no native" not in caplog.text
+
+
 def test_cpu_amp_trains(tmp_path: Path) -> None:
     if not cpu_bf16_works():
         pytest.skip("no bf16 autocast on this CPU")
