@@ -203,8 +203,10 @@ class Client(_ClientBase):
                          if credentials is None else
                          grpc.secure_channel(self.target, credentials, options=self._options()))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._infer_raw = self._channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
 
     def close(self) -> None:
+        """Close the channel; calls still in flight end with CANCELLED (from any thread)."""
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -278,6 +280,16 @@ class Client(_ClientBase):
                       timeout: float | None = None) -> pb.ModelInferResponse:
         """One prepared ModelInferRequest, as is (the load generator's fast path)."""
         return self._call("ModelInfer", request, self._deadline(timeout))
+
+    def infer_serialized(self, payload: bytes, timeout: float | None = None) -> bytes:
+        """One ModelInferRequest already serialised; the serialised response, unparsed. No
+        retries: every call counts once (``cnnctl bench``'s hot path at concurrency 1; errors
+        still arrive typed). ``timeout=None`` sends no deadline: the caller bounds the wait, e.g.
+        by closing the client from another thread."""
+        try:
+            return self._infer_raw(payload, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, attempts=1) from None
 
     def predict(self, model: str, images: ImageLike | Sequence[ImageLike], *, top_k: int = 5,
                 return_logits: bool = False, version: str = "",

@@ -88,3 +88,38 @@ def test_an_unanswered_request_is_counted_when_the_level_gives_up() -> None:
     row = asyncio.run(b._level(Hanging(), [b"x"], 2, config))
     assert time.monotonic() - start < 2
     assert row.errors == 2 and row.requests == 3
+
+
+def test_blocking_level_gives_up_on_an_unanswered_request() -> None:
+    """Concurrency 1 runs blocking calls with no deadline; the watchdog closes the level's client
+    ``timeout_s`` after the level's end, and the request it cut off counts as DEADLINE_EXCEEDED."""
+    import threading
+
+    import grpc
+
+    from cnnctl.clients.errors import Cancelled
+
+    class Hanging:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.closed = threading.Event()
+
+        def infer_serialized(self, payload: bytes, timeout: float | None = None) -> bytes:
+            assert timeout is None
+            self.calls += 1
+            if self.calls > 3:
+                assert self.closed.wait(10), "the watchdog never closed the client"
+                raise Cancelled(grpc.StatusCode.CANCELLED, "Channel closed!")
+            return b""
+
+        def close(self) -> None:
+            self.closed.set()
+
+    config = b.BenchConfig(levels=(1,), duration_s=0.2, warmup_s=0.0, timeout_s=0.3,
+                           progress=False)
+    client = Hanging()
+    start = time.monotonic()
+    row = b._level_blocking(client, [b"x"], config)
+    assert time.monotonic() - start < 2
+    assert client.calls == 4
+    assert row.errors == 1 and row.error_codes == {"DEADLINE_EXCEEDED": 1} and row.requests == 3

@@ -368,3 +368,39 @@ def test_labels_are_the_manifests_class_names(artifact: Path, tmp_path: Path,
     for r in results:
         assert sorted(r.labels) == sorted(words)
         assert r.label == words[int(np.argmax(r.logits))]
+
+
+def test_closing_a_client_ends_a_blocking_call_in_flight() -> None:
+    """What bench's blocking level relies on: close() from another thread ends a call that sent
+    no deadline, with a typed error, instead of leaving the caller blocked."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from cnnctl.clients.client import Client
+    from cnnctl.clients.errors import ClientError
+
+    release = threading.Event()
+
+    def never(request: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(10)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(never)})
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = Client(f"127.0.0.1:{port}")
+        threading.Timer(0.3, client.close).start()
+        start = time.monotonic()
+        with pytest.raises(ClientError) as info:
+            client.infer_serialized(b"", timeout=None)
+        assert time.monotonic() - start < 5
+        assert info.value.code == grpc.StatusCode.CANCELLED
+    finally:
+        release.set()
+        server.stop(0)
