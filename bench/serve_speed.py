@@ -8,7 +8,9 @@ one is answered. The client sends pre-serialised ModelInferRequest bytes and doe
 answers (the first is checked), so it spends as little of the shared CPU as Python allows.
 Comparisons:
   1. lenet5, batch-1 requests: a do-nothing KServe v2 server built from the same stubs (`--null`
-     mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`;
+     mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`; beside them a
+     bare ORT server (`--null --bare-onnx`: reshape, 1-thread ORT on the event loop, answer,
+     nothing else), the most any Python server that runs the model per request could reach;
   2. batch-1 requests, dynamic batching on vs off (--no-dynamic-batching), lenet5 and cifar-net-v3;
   3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options).
 Every server stays up and the points are measured round-robin --rounds times (median kept), so
@@ -111,9 +113,13 @@ def measure(address: str, model: str, shape: list[int], concurrency: int, second
     return json.loads(out.stdout)
 
 
-# ---------------------------------------------------------------- the do-nothing server
-async def _null_server(models: dict[str, int]) -> None:
-    """KServe v2 with no model: answers ModelInfer with zeros; the RPC stack's own ceiling."""
+# ---------------------------------------------------------------- the reference servers
+async def _reference_server(onnx: str | None) -> None:
+    """KServe v2 built from the same stubs, doing the least a server can. Without ``onnx``: the
+    do-nothing server, answering ModelInfer with zeros - the RPC stack's own ceiling. With it: the
+    bare ORT server, which only reshapes the raw input, runs it through a 1-thread ORT session on
+    the event loop and answers - no validation, batching, metrics, deadlines or shutdown logic:
+    the ceiling of any Python server that runs this model per request."""
     import signal
 
     import grpc
@@ -121,17 +127,32 @@ async def _null_server(models: dict[str, int]) -> None:
     from cnnctl.protos import grpc_service_pb2 as pb
     from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 
-    class Null(pb_grpc.GRPCInferenceServiceServicer):
+    session = None
+    if onnx is not None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
+
+    class Reference(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> object:
-            n = int(request.inputs[0].shape[0])
+            shape = list(request.inputs[0].shape)
+            if session is None:
+                out = bytes(4 * 10 * shape[0])
+            else:
+                x = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(shape)
+                out = session.run(None, {"input": x})[0].tobytes()
             resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1",
                                          id=request.id)
-            resp.outputs.add(name="logits", datatype="FP32", shape=[n, models[request.model_name]])
-            resp.raw_output_contents.append(bytes(4 * n * models[request.model_name]))
+            resp.outputs.add(name="logits", datatype="FP32", shape=[shape[0], 10])
+            resp.raw_output_contents.append(out)
             return resp
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Null(), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Reference(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"listening on grpc://127.0.0.1:{port}", flush=True)
@@ -141,17 +162,20 @@ async def _null_server(models: dict[str, int]) -> None:
     await server.stop(1)
 
 
-class NullServer:
-    def __init__(self) -> None:
+class ReferenceServer:
+    """The do-nothing server, or with ``onnx`` the bare ORT server, in a process of its own."""
+
+    def __init__(self, onnx: Path | None = None) -> None:
         import re
 
-        self.proc = subprocess.Popen([sys.executable, __file__, "--null"], stdout=subprocess.PIPE,
-                                     text=True)
+        extra = ["--bare-onnx", str(onnx)] if onnx is not None else []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--null", *extra],
+                                     stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         self.port = int(re.search(r":(\d+)$", line.strip()).group(1))  # type: ignore[union-attr]
         self.address = f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> NullServer:
+    def __enter__(self) -> ReferenceServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -191,7 +215,7 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -
 
 # ---------------------------------------------------------------- the run
 # Short names for --only: the setups this script can measure.
-SETUPS = ("null", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "ort")
+SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "ort")
 
 
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
@@ -232,8 +256,12 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         servers = {}
         points = []
         if "null" in only:
-            servers[("null server", "lenet5")] = stack.enter_context(NullServer())
+            servers[("null server", "lenet5")] = stack.enter_context(ReferenceServer())
             points += [("null server", "lenet5", 1, c) for c in concurrency]
+        if "bare" in only:
+            servers[("bare ORT server", "lenet5")] = stack.enter_context(
+                ReferenceServer(arts["lenet5"] / "model.onnx"))
+            points += [("bare ORT server", "lenet5", 1, c) for c in concurrency]
         for short, (setup, model, flags) in cnnctl.items():
             if short in only or (short == "on-lenet5" and "b64" in only):
                 servers[(setup, model)] = stack.enter_context(CliServer(
@@ -297,7 +325,8 @@ def plot(result: dict[str, object], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
-        for setup in ("null server", "cnnctl batching on", "cnnctl batching off"):
+        for setup in ("null server", "bare ORT server", "cnnctl batching on",
+                      "cnnctl batching off"):
             pts = [r for r in result["rows"] if r["setup"] == setup and r["model"] == model  # type: ignore[index, union-attr]
                    and r["request_batch"] == 1]
             if pts:
@@ -327,13 +356,14 @@ def main() -> None:
     p.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("--server-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--null", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bare-onnx", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default="lenet5", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1,1,32,32", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.null:
-        asyncio.run(_null_server({"lenet5": 10, "cifar-net-v3": 10}))
+        asyncio.run(_reference_server(args.bare_onnx))
         return
     if args.load:
         shape = [int(s) for s in args.shape.split(",")]
