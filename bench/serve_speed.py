@@ -325,13 +325,13 @@ def plot(result: dict[str, object], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
-        for setup in ("null server", "bare ORT server", "cnnctl batching on",
-                      "cnnctl batching off"):
+        for setup, color in (("null server", "C0"), ("bare ORT server", "C1"),
+                             ("cnnctl batching on", "C2"), ("cnnctl batching off", "C3")):
             pts = [r for r in result["rows"] if r["setup"] == setup and r["model"] == model  # type: ignore[index, union-attr]
                    and r["request_batch"] == 1]
             if pts:
                 ax.plot([r["img_per_s"] for r in pts], [r["p99_ms"] for r in pts], marker="o",
-                        label=setup)
+                        label=setup, color=color)
                 for r in pts:
                     ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p99_ms"]), fontsize=8)
         ax.set(title=f"{model}, batch-1 requests", xlabel="images/s", ylabel="p99 latency (ms)",
