@@ -211,9 +211,9 @@ def _level_blocking(client: Any, pool: list[bytes], config: BenchConfig) -> Benc
                     errors["DEADLINE_EXCEEDED"] += 1
                     break
                 errors[exc.code.name] += 1
-                continue
-            if began >= measure_from:
-                latencies.append(time.monotonic() - began)
+            else:
+                if began >= measure_from:
+                    latencies.append(time.monotonic() - began)
             if began - shown >= 0.25:
                 shown = began
                 _show(bar, began, start, end, measure_from, len(latencies), config.batch)
