@@ -315,6 +315,14 @@ def test_tls(artifact: Path, tls_files: tuple[Path, Path], digits: np.ndarray) -
             assert info.value.attempts == 2
         with pytest.raises(UsageError, match=r"^cannot read root certificates '/nonexistent.pem'"):
             Client(s.address, root_certificates="/nonexistent.pem")
+        # cnnctl bench over TLS: the blocking level (1) and the asyncio one (2) both connect.
+        from cnnctl.clients import bench
+
+        rows = bench.run_grpc(bench.BenchConfig(
+            server=s.address, model="lenet5", levels=(1, 2), duration_s=0.2, warmup_s=0.0,
+            tls=True, root_certificates=str(cert), progress=False))
+        assert [(r.concurrency, r.errors) for r in rows] == [(1, 0), (2, 0)]
+        assert all(r.requests > 0 for r in rows)
 
 
 def test_async_client_same_answers_and_concurrent_chunks(server: ServerThread,
