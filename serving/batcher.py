@@ -205,7 +205,8 @@ class Batcher:
         self._queued_images -= p.n
 
     def _execute(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """In the pool: (output, wall seconds, CPU seconds of this thread)."""
+        """Run one batch (in the pool, or inline): (output, wall seconds, CPU seconds of this
+        thread)."""
         wall, cpu = time.perf_counter(), time.thread_time()
         y = self._run(x)
         return y, time.perf_counter() - wall, time.thread_time() - cpu
@@ -216,17 +217,15 @@ class Batcher:
         images = int(x.shape[0])
         cost = self._cost.get(images)
         if cost is not None and cost <= self._inline_s:
-            # Cheaper to compute than to hand to a thread and back (see BatchingConfig).
-            wall, cpu = time.perf_counter(), time.thread_time()
+            # Cheaper to compute than to hand to a thread and back (see BatchingConfig). Timed
+            # as in the pool: by CPU time, which unlike the wall time leaves out the moments
+            # another process held the core (they would push the estimate over the threshold).
             try:
-                y = self._run(x)
+                result = self._execute(x)
             except Exception as exc:  # noqa: BLE001 - delivered to this batch's waiters
                 self._free += 1
                 self._fail(batch, exc)
                 return
-            # CPU time, as in the pool: the wall time would count the moments another process
-            # held the core, and push the estimate over the threshold on a busy machine.
-            result = (y, time.perf_counter() - wall, time.thread_time() - cpu)
             self._free += 1
             self._deliver(batch, images, result)
             return  # _dispatch, our caller, goes on with the queue
