@@ -47,6 +47,9 @@ DEFAULT_PORT = 8001  # Triton's (and cnnctl serve's) gRPC port
 PREPROCESS_MODES = ("server", "client")
 # cnnctl serve's default --max-message-mb; a larger request is split on the client.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# ModelInfer as a bytes-in, bytes-out call (infer_serialized): a load generator's requests are
+# serialised once, not per call.
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 
@@ -203,7 +206,7 @@ class Client(_ClientBase):
                          if credentials is None else
                          grpc.secure_channel(self.target, credentials, options=self._options()))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._infer_raw = self._channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        self._infer_raw = self._channel.unary_unary(MODEL_INFER)
 
     def close(self) -> None:
         """Close the channel; calls still in flight end with CANCELLED (from any thread)."""
@@ -323,9 +326,7 @@ class AsyncClient(_ClientBase):
                          if credentials is None else
                          grpc.aio.secure_channel(self.target, credentials, options=self._options()))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        # Bytes in, bytes out: a load generator's requests are serialised once, not per call.
-        self._infer_raw = self._channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer")
+        self._infer_raw = self._channel.unary_unary(MODEL_INFER)
 
     async def close(self) -> None:
         await self._channel.close()
