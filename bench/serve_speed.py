@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,13 +130,7 @@ async def _reference_server(onnx: str | None) -> None:
 
     session = None
     if onnx is not None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
+        session = _ort_session(onnx, threads=1)
 
     class Reference(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> object:
@@ -190,14 +185,19 @@ def ort_inprocess(path: Path, shape: list[int], seconds: float) -> dict[str, flo
     return max(runs, key=lambda r: r["img_per_s"])
 
 
-def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -> dict[str, float]:
+def _ort_session(path: str | Path, threads: int) -> Any:
+    """A CPU session as `cnnctl serve` makes them: `threads` intra-op threads, no spinning."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -> dict[str, float]:
+    sess = _ort_session(path, threads)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     for _ in range(10):
         sess.run(None, {"input": x})
