@@ -25,6 +25,14 @@ class ShapeError(UsageError):
     """A tensor or dataset whose shape does not match what the model expects."""
 
 
+class AlreadyExistsError(UsageError):
+    """A name that is already taken (a shared-memory region registered twice): ALREADY_EXISTS."""
+
+
+class NotEnabledError(CnnctlError):
+    """A feature the server was not started with (shared memory): FAILED_PRECONDITION."""
+
+
 class DataError(CnnctlError):
     """A dataset that cannot be found or read."""
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnctl.errors import ShapeError, UsageError
+from cnnctl.errors import NotEnabledError, ShapeError, UsageError
 from cnnctl.export.manifest import Manifest
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.preprocess import split_bytes_tensor
+from cnnctl.serving.shm import SharedMemoryRegistry
 
 TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 ALLOWED = "FP32, FP16, BYTES (encoded PNG/JPEG images)"
@@ -25,6 +26,7 @@ ALLOWED = "FP32, FP16, BYTES (encoded PNG/JPEG images)"
 class DecodedInput:
     tensor: np.ndarray | None = None  # float32 (n, C, H, W), ready to batch
     images: list[bytes] | None = None  # encoded images, to preprocess off the event loop
+    output_view: memoryview | None = None  # where the output goes when it is in shared memory
 
     @property
     def batch(self) -> int:
@@ -35,7 +37,14 @@ def _fmt(shape: object) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"  # type: ignore[attr-defined]
 
 
-def decode_request(request: pb.ModelInferRequest, manifest: Manifest) -> DecodedInput:
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_SIZE = "shared_memory_byte_size"
+
+
+def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
+                   shm: SharedMemoryRegistry | None = None) -> DecodedInput:
+    """``shm``: the server's shared-memory regions (None: the extension is off)."""
     spec = manifest.input
     fast = _fast_path(request, manifest)
     if fast is not None:
@@ -49,20 +58,32 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest) -> Decoded
     if extra:
         raise UsageError(f"unexpected input '{extra[0]}'; model '{manifest.name}' takes exactly "
                          f"one input, '{spec.name}'")
+    output_shm = None
     for out in request.outputs:
         if out.name != manifest.output.name:
             raise UsageError(f"unknown output '{out.name}' requested; model '{manifest.name}' has "
                              f"one output, '{manifest.output.name}'")
+        output_shm = _shm_params(out.parameters, f"output '{out.name}'", shm)
     raw_count = len(request.raw_input_contents)
     if raw_count and raw_count != len(request.inputs):
         raise UsageError(f"raw_input_contents has {raw_count} entries for {len(request.inputs)} "
                          f"input(s); send one per input, in order")
     tensor = request.inputs[0]
-    raw = request.raw_input_contents[0] if raw_count else None
+    raw: bytes | memoryview | None = request.raw_input_contents[0] if raw_count else None
     if raw is not None and tensor.HasField("contents"):
         raise UsageError(f"input '{spec.name}' has both raw_input_contents and contents; send one")
+    input_shm = _shm_params(tensor.parameters, f"input '{spec.name}'", shm)
+    if input_shm is not None:
+        if raw is not None or tensor.HasField("contents"):
+            raise UsageError(f"input '{spec.name}' has both a shared-memory region and contents "
+                             f"in the message; send one")
+        raw = shm.view(*input_shm, tensor=f"input '{spec.name}'")  # type: ignore[union-attr]
     if tensor.datatype == "BYTES":
-        return DecodedInput(images=_decode_images(tensor, raw, spec.name))
+        if output_shm is not None:
+            raise UsageError(f"output '{manifest.output.name}': shared-memory output is for "
+                             f"tensor inputs; send encoded images without it")
+        return DecodedInput(images=_decode_images(
+            tensor, None if raw is None else bytes(raw), spec.name))
     dtype = TENSOR_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise UsageError(f"input '{spec.name}': datatype '{tensor.datatype}' is not supported; "
@@ -77,7 +98,8 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest) -> Decoded
     if raw is not None:
         need = count * dtype.itemsize
         if len(raw) != need:
-            raise UsageError(f"input '{spec.name}': raw contents have {len(raw)} bytes; shape "
+            what = "shared_memory_byte_size is" if input_shm else "raw contents have"
+            raise UsageError(f"input '{spec.name}': {what} {len(raw)} bytes; shape "
                              f"{_fmt(shape)} of {tensor.datatype} needs {need}")
         array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     elif tensor.HasField("contents"):
@@ -91,7 +113,42 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest) -> Decoded
         array = np.asarray(values, dtype=np.float32).reshape(shape)
     else:
         raise UsageError(f"input '{spec.name}' has no data: send raw_input_contents or contents")
-    return DecodedInput(tensor=array.astype(np.float32, copy=False))
+    view = None
+    if output_shm is not None:
+        out_name = f"output '{manifest.output.name}'"
+        region, offset, size = output_shm
+        need = shape[0] * math.prod(manifest.output.shape[1:]) * 4
+        if size < need:
+            raise UsageError(f"{out_name}: shared_memory_byte_size {size} is too small; "
+                             f"{shape[0]} x {_fmt(manifest.output.shape[1:])} FP32 needs {need}")
+        view = shm.view(region, offset, size, tensor=out_name)[:need]  # type: ignore[union-attr]
+    return DecodedInput(tensor=array.astype(np.float32, copy=False), output_view=view)
+
+
+def _shm_params(params: object, tensor: str,
+                shm: SharedMemoryRegistry | None) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when a tensor's parameters put it in shared memory."""
+    if SHM_REGION not in params and SHM_SIZE not in params:  # type: ignore[operator]
+        return None
+    if shm is None:
+        raise NotEnabledError(f"{tensor} names a shared-memory region, but shared memory is off; "
+                              f"start cnnctl serve with --allow-shared-memory")
+    if SHM_REGION not in params or SHM_SIZE not in params:  # type: ignore[operator]
+        raise UsageError(f"{tensor}: {SHM_REGION} and {SHM_SIZE} go together; give both")
+    region = params[SHM_REGION]  # type: ignore[index]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise UsageError(f"{tensor}: {SHM_REGION} must be a string parameter")
+    values = []
+    for key in (SHM_OFFSET, SHM_SIZE):
+        p = params[key] if key in params else None  # type: ignore[index, operator]
+        kind = p.WhichOneof("parameter_choice") if p is not None else None
+        if p is not None and kind not in ("int64_param", "uint64_param"):
+            raise UsageError(f"{tensor}: {key} must be an integer parameter, got {kind}")
+        value = 0 if p is None else getattr(p, kind)
+        if value < 0:
+            raise UsageError(f"{tensor}: {key} must be at least 0, got {value}")
+        values.append(int(value))
+    return region.string_param, values[0], values[1]
 
 
 def _fast_path(request: pb.ModelInferRequest, manifest: Manifest) -> DecodedInput | None:
@@ -103,14 +160,15 @@ def _fast_path(request: pb.ModelInferRequest, manifest: Manifest) -> DecodedInpu
         return None
     tensor = inputs[0]
     spec = manifest.input
-    if tensor.name != spec.name or tensor.datatype != "FP32" or tensor.HasField("contents"):
+    if (tensor.name != spec.name or tensor.datatype != "FP32" or tensor.HasField("contents")
+            or tensor.parameters):  # parameters: shared memory, for one
         return None
     shape = list(tensor.shape)
     expected = spec.shape
     if len(shape) != len(expected) or shape[0] < 1 or shape[1:] != expected[1:]:
         return None
     for out in request.outputs:
-        if out.name != manifest.output.name:
+        if out.name != manifest.output.name or out.parameters:
             return None
     raw = request.raw_input_contents[0]
     if len(raw) != 4 * math.prod(shape):
@@ -136,11 +194,20 @@ def _decode_images(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     return images
 
 
-def encode_response(request: pb.ModelInferRequest, manifest: Manifest,
-                    output: np.ndarray) -> pb.ModelInferResponse:
+def encode_response(request: pb.ModelInferRequest, manifest: Manifest, output: np.ndarray,
+                    output_view: memoryview | None = None) -> pb.ModelInferResponse:
+    """The answer; with ``output_view`` the output goes into that shared memory instead (the
+    answer then describes it and carries no data for it, as Triton's does)."""
     output = np.ascontiguousarray(output, dtype="<f4")
     response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version,
                                      id=request.id)
-    response.outputs.add(name=manifest.output.name, datatype="FP32", shape=output.shape)
-    response.raw_output_contents.append(output.tobytes())
+    tensor = response.outputs.add(name=manifest.output.name, datatype="FP32", shape=output.shape)
+    if output_view is None:
+        response.raw_output_contents.append(output.tobytes())
+        return response
+    output_view[:output.nbytes] = output.reshape(-1).view(np.uint8)
+    for out in request.outputs:  # echo where it went
+        for key in (SHM_REGION, SHM_OFFSET, SHM_SIZE):
+            if key in out.parameters:
+                tensor.parameters[key].CopyFrom(out.parameters[key])
     return response

@@ -45,11 +45,16 @@ _BATCH = BatchingConfig()
               help="Largest request/response message (MiB); larger ones get RESOURCE_EXHAUSTED.")
 @click.option("--grace-s", type=float, default=_DEFAULT.grace_s, show_default=True,
               help="On SIGTERM/SIGINT, how long to wait for in-flight and queued requests.")
+@click.option("--allow-shared-memory", is_flag=True, default=False,
+              help="Let clients on this host register POSIX shared-memory regions and pass "
+              "tensors through them (Triton's system shared-memory extension; Triton's "
+              "--allow-client-shm). Off: a client could map any shared-memory object this "
+              "server's user may open.")
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, dynamic_batching: bool, instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
-          max_message_mb: int, grace_s: float) -> None:
+          max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
     for flag, value, low in (("--max-batch-size", max_batch_size, 1),
                              ("--max-queue-size", max_queue_size, 1),
@@ -75,7 +80,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
                                 inline_below_us=inline_below_us),
         instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
-        reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s)
+        reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,
+        allow_shared_memory=allow_shared_memory)
     if workers > 1:
         from cnnctl.serving.workers import run_workers
 

@@ -54,6 +54,10 @@ class ServerConfig:
     # After the signal, keep answering new arrivals this long (s): requests sent just before it may
     # still be in transit or in gRPC's not-yet-dispatched queue (server.py, shutdown step 2).
     drain_linger_s: float = 0.5
+    # Triton's system shared-memory extension (serving/shm.py): off unless asked for, as Triton's
+    # --allow-client-shm, since a client could then map any shared-memory object we may open.
+    allow_shared_memory: bool = False
+    shm_dir: str | None = None  # set for --workers: where the workers share their registrations
 
     @property
     def max_message_bytes(self) -> int:

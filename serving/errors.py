@@ -12,9 +12,11 @@ import logging
 import grpc
 
 from cnnctl.errors import (
+    AlreadyExistsError,
     ArtifactError,
     CnnctlError,
     DeadlineExceededError,
+    NotEnabledError,
     NotFoundError,
     OverloadedError,
     UnavailableError,
@@ -26,11 +28,13 @@ log = logging.getLogger(__name__)
 # First match wins, so a subclass must come before its base class.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),  # ShapeError, UnknownNameError included
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotEnabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (CnnctlError, grpc.StatusCode.INTERNAL),
 )
 

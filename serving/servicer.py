@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 
 from cnnctl import __version__
-from cnnctl.errors import CnnctlError, UnavailableError
+from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
@@ -22,6 +23,7 @@ from cnnctl.serving.errors import code_for, status_for
 from cnnctl.serving.preprocess import decode_images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
+from cnnctl.serving.shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ SERVER_NAME = "cnnctl"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 PLATFORM = "onnxruntime_onnx"
 _NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
+T = TypeVar("T")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -42,10 +45,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._idle.set()
         # Image decoding is CPU work: a small pool beside the inference threads.
         self._preprocess = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
+        self.shm = (SharedMemoryRegistry(config.shm_dir) if config.allow_shared_memory
+                    else None)
 
     def close(self) -> None:
         self.accepting = False
         self._preprocess.shutdown(wait=False)
+        if self.shm is not None:
+            self.shm.close()
 
     async def wait_idle(self) -> None:
         """Until no inference RPC is being answered."""
@@ -72,9 +79,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         providers = sorted({m.runtime.info.provider for m in self.repo})
+        shm = ["system_shared_memory"] if self.shm is not None else []
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=__version__,
-            extensions=[*EXTENSIONS, *(f"cnnctl:execution_provider={p}" for p in providers)])
+            extensions=[*EXTENSIONS, *shm, *(f"cnnctl:execution_provider={p}" for p in providers)])
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
@@ -120,6 +128,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                              state="READY" if m.ready else "UNAVAILABLE",
                              reason="" if m.ready else "shutting down")
         return index
+
+    # -- system shared memory (serving/shm.py)
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        regions = await self._shm_call(lambda shm: shm.status(request.name), context)
+        out = pb.SystemSharedMemoryStatusResponse()
+        for r in regions:
+            out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return out
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        region = await self._shm_call(lambda shm: shm.register(
+            request.name, request.key, request.offset, request.byte_size), context)
+        log.info("registered shared-memory region '%s' (key %s, offset %d, %d bytes)",
+                 region.name, region.key, region.offset, region.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self._shm_call(lambda shm: shm.unregister(request.name), context)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _shm_call(self, fn: Callable[[SharedMemoryRegistry], T],
+                        context: grpc.aio.ServicerContext) -> T:
+        try:
+            if self.shm is None:
+                raise NotEnabledError("system shared memory is off; start cnnctl serve with "
+                                      "--allow-shared-memory to register regions")
+            return fn(self.shm)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise
 
     # -- inference
     async def ModelInfer(self, request: pb.ModelInferRequest,
@@ -183,7 +229,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model.metrics.request()
         try:
-            decoded = decode_request(request, model.manifest)
+            decoded = decode_request(request, model.manifest, self.shm)
             if decoded.images is not None:
                 x = await asyncio.get_running_loop().run_in_executor(
                     self._preprocess, decode_images, decoded.images, model.manifest.image,
@@ -191,7 +237,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 x = decoded.tensor
             y = await model.infer(x, deadline)
-            response = encode_response(request, model.manifest, y)
+            response = encode_response(request, model.manifest, y, decoded.output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise

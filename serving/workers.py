@@ -6,7 +6,8 @@ client connections. Metrics add up across workers: before any worker starts, the
 prometheus_client's multiprocess mode at a fresh directory (PROMETHEUS_MULTIPROC_DIR); every
 worker writes its counters there, and both the parent's /metrics and each worker's ModelStatistics
 read them through a MultiProcessCollector. SIGTERM/SIGINT to the parent is passed to every worker,
-and each drains as a single server does.
+and each drains as a single server does. With --allow-shared-memory the workers also share their
+shared-memory registrations, through a directory of their own (serving/shm.py).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def run_workers(config: ServerConfig) -> int:
     port = reserved.getsockname()[1] if reserved else config.port
     threads = config.intra_op_threads or max(
         1, ((os.cpu_count() or 1) - config.workers) // (config.workers * config.instances))
+    # A client's connections may reach different workers: they share shared-memory registrations.
+    shm_dir = tempfile.mkdtemp(prefix="cnnctl-shm-") if config.allow_shared_memory else None
     worker_config = replace(config, port=port, workers=1, reuse_port=True, metrics_port=None,
-                            intra_op_threads=threads)
+                            intra_op_threads=threads, shm_dir=shm_dir)
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     level = logging.getLogger().getEffectiveLevel()
@@ -135,3 +138,5 @@ def run_workers(config: ServerConfig) -> int:
         if reserved is not None:
             reserved.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if shm_dir is not None:
+            shutil.rmtree(shm_dir, ignore_errors=True)

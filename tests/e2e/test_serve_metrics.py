@@ -62,3 +62,34 @@ def test_metrics_and_statistics_add_up(artifact: Path, workers: int) -> None:
     assert key("cnnctl_queue_depth") in samples
     if workers > 1:
         assert any("(2 workers" in line for line in server.lines)
+
+
+def test_workers_share_shared_memory_registrations(artifact: Path) -> None:
+    """A region registered through one connection is usable, and its unregistering seen, on every
+    connection, whichever worker the kernel gave it."""
+    from multiprocessing import shared_memory
+
+    seg = shared_memory.SharedMemory(create=True, size=8192)
+    try:
+        with CliServer(str(artifact), "--workers", "2", "--allow-shared-memory") as server:
+            channels = [grpc.insecure_channel(server.address) for _ in range(8)]
+            stubs = [stub(ch) for ch in channels]
+            stubs[0].SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+                name="shared", key="/" + seg.name, byte_size=8192))
+            req = pb.ModelInferRequest(model_name="lenet5")
+            t = req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 32, 32])
+            t.parameters["shared_memory_region"].string_param = "shared"
+            t.parameters["shared_memory_byte_size"].int64_param = 4096
+            answers = [s.ModelInfer(req) for s in stubs]
+            assert all(list(a.outputs[0].shape) == [1, 10] for a in answers)
+            stubs[-1].SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest())
+            for s in stubs:
+                with pytest.raises(grpc.RpcError) as info:
+                    s.ModelInfer(req)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "region 'shared' is not registered" in info.value.details()
+            for ch in channels:
+                ch.close()
+    finally:
+        seg.close()
+        seg.unlink()

@@ -82,3 +82,38 @@ def test_tritonclient_against_cnnctl_serve(trained_artifact: Path, tmp_path: Pat
     assert stats["inference_stats"]["success"]["count"] == "1"
     assert got["errors"]["unknown_model"] == [
         "StatusCode.NOT_FOUND", f"unknown model 'no-such-model'; served models: {manifest.name}"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient is not installed")
+def test_tritonclient_system_shared_memory(trained_artifact: Path, tmp_path: Path) -> None:
+    """tritonclient's shared-memory calls against `cnnctl serve --allow-shared-memory`: the input
+    read from and the output written to POSIX shared memory equal in-process ONNX Runtime."""
+    import onnxruntime as ort
+
+    from cnnctl.export.manifest import load_manifest
+
+    manifest = load_manifest(trained_artifact)
+    x = np.random.default_rng(1).standard_normal((4, 1, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    session = ort.InferenceSession(str(trained_artifact / manifest.file("onnx").path),
+                                   providers=["CPUExecutionProvider"])
+    expected = session.run(["logits"], {"input": x})[0]
+    with CliServer(str(trained_artifact), "--allow-shared-memory") as server:
+        done = subprocess.run([sys.executable, str(PROBE), server.address, manifest.name,
+                               str(tmp_path / "x.npy"), "shm"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert "system_shared_memory" in got["extensions"]
+    assert sorted(got["status"]["regions"]) == ["probe_in", "probe_out"]
+    assert got["after"] == {} or got["after"].get("regions", {}) == {}
+    out = got["response"]["outputs"][0]
+    assert (out["name"], out["shape"]) == ("logits", ["4", "10"])
+    assert out["parameters"]["shared_memory_region"]["string_param"] == "probe_out"
+    assert "raw_output_contents" not in got["response"]
+    logits = np.frombuffer(base64.b64decode(got["logits"]), dtype="<f4").reshape(got["logits_shape"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert got["errors"]["output_too_small"] == [
+        "StatusCode.INVALID_ARGUMENT",
+        "output 'logits': shared_memory_byte_size 8 is too small; 4 x [10] FP32 needs 160"]

@@ -2,7 +2,7 @@
 
 A helper for tests/e2e/test_serve_tritonclient.py, run as a subprocess: tritonclient's stubs and
 cnnctl's define the same protobuf names and cannot share one Python process.
-Usage: python triton_probe.py URL MODEL INPUT.npy
+Usage: python triton_probe.py URL MODEL INPUT.npy [infer|shm]
 """
 
 from __future__ import annotations
@@ -42,5 +42,52 @@ def main(url: str, model: str, input_path: str) -> None:
     client.close()
 
 
+def shared_memory(url: str, model: str, input_path: str) -> None:
+    """Triton's system shared-memory extension through tritonclient: the input read from and the
+    output written to POSIX shared memory that this process created."""
+    import os
+    from multiprocessing import shared_memory as sm
+
+    x = np.load(input_path).astype("<f4")
+    n_out = x.shape[0] * 10 * 4
+    tag = f"cnnctl_probe_{os.getpid()}"
+    shm_in = sm.SharedMemory(name=f"{tag}_in", create=True, size=x.nbytes)
+    shm_out = sm.SharedMemory(name=f"{tag}_out", create=True, size=n_out)
+    client = tg.InferenceServerClient(url)
+    try:
+        extensions = client.get_server_metadata(as_json=True)["extensions"]
+        np.ndarray(x.shape, "<f4", buffer=shm_in.buf)[...] = x
+        client.register_system_shared_memory("probe_in", f"/{tag}_in", x.nbytes)
+        client.register_system_shared_memory("probe_out", f"/{tag}_out", n_out)
+        status = client.get_system_shared_memory_status(as_json=True)
+        inp = tg.InferInput("input", list(x.shape), "FP32")
+        inp.set_shared_memory("probe_in", x.nbytes)
+        out = tg.InferRequestedOutput("logits")
+        out.set_shared_memory("probe_out", n_out)
+        result = client.infer(model, [inp], outputs=[out])
+        response = result.get_response(as_json=True)
+        logits = np.ndarray((x.shape[0], 10), "<f4", buffer=shm_out.buf).copy()
+        errors = {}
+        small = tg.InferRequestedOutput("logits")
+        small.set_shared_memory("probe_out", 8)
+        try:
+            client.infer(model, [inp], outputs=[small])
+        except tg.InferenceServerException as exc:
+            errors["output_too_small"] = [exc.status(), exc.message()]
+        client.unregister_system_shared_memory()
+        after = client.get_system_shared_memory_status(as_json=True)
+    finally:
+        client.close()
+        for shm in (shm_in, shm_out):
+            shm.close()
+            shm.unlink()
+    print(json.dumps({
+        "extensions": extensions,
+        "status": status, "after": after, "response": response, "errors": errors,
+        "logits": base64.b64encode(logits.tobytes()).decode(), "logits_shape": list(logits.shape),
+    }))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    {"infer": main, "shm": shared_memory}[sys.argv[4] if len(sys.argv) > 4 else "infer"](
+        *sys.argv[1:4])

@@ -332,7 +332,7 @@ def test_stream_infer_answers_each_request(artifacts: dict[str, Path], reference
 def test_unimplemented_triton_rpc(artifacts: dict[str, Path]) -> None:
     async def main() -> None:
         async with running(config_for(artifacts["lenet5"])) as (_, ch):
-            call = ch.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+            call = ch.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus",
                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(b"")
