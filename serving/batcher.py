@@ -12,10 +12,10 @@ bottleneck (a gRPC call costs ~450 µs of the loop thread, a lenet5 image ~70 µ
 batcher must add as few loop steps as it can. Dispatch is a plain ``call_soon`` callback, which
 also lets every RPC handler already runnable in this loop iteration enqueue first; the model runs
 in its thread pool and its completion is one more callback. A batch whose size has computed in
-less than ``inline_below_us`` of CPU runs on the loop itself (BatchingConfig says why), and a
-request that finds the model idle and the queue empty with no queue delay, and is that cheap,
-is computed at once in ``submit`` without suspending its caller. All state is touched only on
-the loop.
+less than ``inline_below_us`` of CPU (``inline_full_below_us`` for a full batch) runs on the loop
+itself (BatchingConfig says why), and a request that finds the model idle and the queue empty with
+no queue delay, and is that cheap, is computed at once in ``submit`` without suspending its
+caller. All state is touched only on the loop.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Batcher:
         self._closing = False
         self.deadline_dropped = 0
         self._inline_s = config.inline_below_us / 1e6
+        self._inline_full_s = config.inline_full_below_us / 1e6
         self._cost: dict[int, float] = {}  # batch size -> moving average of its CPU seconds
 
     def start(self) -> None:
@@ -114,8 +115,7 @@ class Batcher:
         pending = _Pending(inputs, int(inputs.shape[0]), loop.create_future(), loop.time(),
                            deadline)
         if (not self._queue and self._free > 0 and self._delay == 0.0
-                and self._cost.get(pending.n, math.inf) <= self._inline_s
-                and (deadline is None or deadline > pending.enqueued)):
+                and self._inline(pending.n) and (deadline is None or deadline > pending.enqueued)):
             # Idle, no queue delay, and cheap: compute now, in this step of the caller's task.
             # Waiting a loop iteration for company costs two more loop steps per request, and
             # under load grpc starts the handlers about one per iteration anyway (measured:
@@ -211,12 +211,18 @@ class Batcher:
         y = self._run(x)
         return y, time.perf_counter() - wall, time.thread_time() - cpu
 
+    def _inline(self, images: int) -> bool:
+        """Whether a batch of this size is cheap enough to compute on the loop: its moving-average
+        CPU time under inline_below_us, or under inline_full_below_us for a full batch (nothing
+        could join it; see BatchingConfig). A size not seen yet runs in the pool first."""
+        limit = self._inline_full_s if images >= self._max else self._inline_s
+        return self._cost.get(images, math.inf) <= limit
+
     def _launch(self, batch: list[_Pending]) -> None:
         self._free -= 1
         x = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         images = int(x.shape[0])
-        cost = self._cost.get(images)
-        if cost is not None and cost <= self._inline_s:
+        if self._inline(images):
             # Cheaper to compute than to hand to a thread and back (see BatchingConfig). Timed
             # as in the pool: by CPU time, which unlike the wall time leaves out the moments
             # another process held the core (they would push the estimate over the threshold).

@@ -28,6 +28,9 @@ _BATCH = BatchingConfig()
 @click.option("--inline-below-us", type=float, default=_BATCH.inline_below_us, show_default=True,
               help="Run batches expected to compute faster than this (µs) on the event loop "
               "instead of handing them to the thread pool; 0 = always the pool.")
+@click.option("--inline-full-below-us", type=float, default=_BATCH.inline_full_below_us,
+              show_default=True, help="The same for full batches (--max-batch-size images or "
+              "more), which no other request could join; 0 = always the pool.")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
               help="Off: every request runs as its own execution.")
 @click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
@@ -52,7 +55,8 @@ _BATCH = BatchingConfig()
               "server's user may open.")
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
-          inline_below_us: float, dynamic_batching: bool, instances: int, intra_op_threads: int, device: str,
+          inline_below_us: float, inline_full_below_us: float, dynamic_batching: bool,
+          instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
           max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
@@ -66,8 +70,10 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     if max_queue_delay_ms < 0:
         raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
-    if inline_below_us < 0:
-        raise UsageError(f"--inline-below-us must be at least 0, got {inline_below_us}")
+    for flag, value in (("--inline-below-us", inline_below_us),
+                        ("--inline-full-below-us", inline_full_below_us)):
+        if value < 0:
+            raise UsageError(f"{flag} must be at least 0, got {value}")
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
     if not artifact_dirs and not repository:
@@ -77,7 +83,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
         batching=BatchingConfig(enabled=dynamic_batching, max_batch_size=max_batch_size,
                                 max_queue_delay_ms=max_queue_delay_ms,
                                 max_queue_size=max_queue_size,
-                                inline_below_us=inline_below_us),
+                                inline_below_us=inline_below_us,
+                                inline_full_below_us=inline_full_below_us),
         instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,

@@ -88,7 +88,8 @@ class ModelRepository:
             model_metrics = metrics.for_model(manifest.name, manifest.version)
             batching = config.batching
             if runtime.info.provider == CUDA:  # a GPU run waits rather than computes on the CPU
-                batching = dataclasses.replace(batching, inline_below_us=0.0)
+                batching = dataclasses.replace(batching, inline_below_us=0.0,
+                                               inline_full_below_us=0.0)
             batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
                               config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,

@@ -156,6 +156,38 @@ def test_inline_is_decided_per_batch_size_from_its_cpu_time() -> None:
     assert "MainThread" not in threads[4]  # 5 ms of CPU each time: always the pool
 
 
+def test_full_batches_have_their_own_inline_threshold() -> None:
+    """A full batch (nothing could join it) that computes within inline_full_below_us runs on the
+    loop; a partial batch of the same cost stays in the pool, where requests queue behind it."""
+    async def main(full_us: float) -> dict[int, set[str]]:
+        import threading
+
+        threads: dict[int, set[str]] = {}
+
+        def model(x: np.ndarray) -> np.ndarray:
+            threads.setdefault(int(x.shape[0]), set()).add(threading.current_thread().name)
+            end = time.thread_time() + 0.001  # 1 ms of CPU, whatever the size
+            while time.thread_time() < end:
+                pass
+            return x[:, :1, 0, 0]
+
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, max_batch_size=4,
+                                               inline_below_us=200, inline_full_below_us=full_us))
+        b.start()
+        for _ in range(3):
+            await b.submit(rows(4, 1.0))
+            await b.submit(rows(2, 1.0))
+            await b.submit(rows(6, 1.0))  # larger than max_batch_size: full too
+        await b.drain()
+        return threads
+
+    threads = run(main(20_000))
+    assert "MainThread" in threads[4] and "MainThread" in threads[6]  # pool once, then inline
+    assert "MainThread" not in threads[2]
+    threads = run(main(0))
+    assert not any("MainThread" in names for names in threads.values())
+
+
 def test_cheap_request_to_an_idle_model_is_computed_without_suspending() -> None:
     async def main() -> list[str]:
         events: list[str] = []
