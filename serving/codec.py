@@ -197,7 +197,7 @@ def _decode_images(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
 def encode_response(request: pb.ModelInferRequest, manifest: Manifest, output: np.ndarray,
                     output_view: memoryview | None = None) -> pb.ModelInferResponse:
     """The answer; with ``output_view`` the output goes into that shared memory instead (the
-    answer then describes it and carries no data for it, as Triton's does)."""
+    answer then describes it and carries an empty entry for its data, as Triton's does)."""
     output = np.ascontiguousarray(output, dtype="<f4")
     response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version,
                                      id=request.id)
@@ -206,6 +206,9 @@ def encode_response(request: pb.ModelInferRequest, manifest: Manifest, output: n
         response.raw_output_contents.append(output.tobytes())
         return response
     output_view[:output.nbytes] = output.reshape(-1).view(np.uint8)
+    # An empty entry, as Triton sends: clients (perf_analyzer's C++ one crashes without it) expect
+    # one raw_output_contents entry per output.
+    response.raw_output_contents.append(b"")
     for out in request.outputs:  # echo where it went
         for key in (SHM_REGION, SHM_OFFSET, SHM_SIZE):
             if key in out.parameters:
