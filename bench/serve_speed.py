@@ -12,9 +12,12 @@ Comparisons:
      bare ORT server (`--null --bare-onnx`: reshape, 1-thread ORT on the event loop, answer,
      nothing else), the most any Python server that runs the model per request could reach;
   2. batch-1 requests, dynamic batching on vs off (--no-dynamic-batching), lenet5 and cifar-net-v3;
-  3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options).
-Every server stays up and the points are measured round-robin --rounds times (median kept), so
-that drifting load from other processes on the shared CPUs hits every setup alike.
+  3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options):
+     tensors in the messages, and through POSIX shared memory (Triton's system shared-memory
+     extension, `cnnctl serve --allow-shared-memory`), where a 256 KB input crosses no socket.
+Every server stays up and the points are measured round-robin --rounds times (median kept), the
+in-process reference included, so that drifting load from other processes on the shared CPUs hits
+every setup alike.
 Writes bench/results/serve_speed.json (+ .png plot) and prints a markdown table.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -49,19 +53,37 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _load(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
-                warmup: float, server_pid: int | None = None) -> dict[str, float]:
+                warmup: float, server_pid: int | None = None,
+                shm: bool = False) -> dict[str, float]:
+    """``shm``: pass the tensors through POSIX shared memory (Triton's system shared-memory
+    extension) instead of the messages: one input region all requests read, and an output slot
+    per in-flight request."""
     import grpc
 
     from cnnctl.protos import grpc_service_pb2 as pb
 
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input", datatype="FP32", shape=shape)
-    req.raw_input_contents.append(x.tobytes())
-    payload = req.SerializeToString()
-    async with grpc.aio.insecure_channel(address) as channel:
+    out_bytes = shape[0] * 10 * 4
+    payloads = []
+    for i in range(concurrency):
+        req = pb.ModelInferRequest(model_name=model)
+        tensor = req.inputs.add(name="input", datatype="FP32", shape=shape)
+        if shm:
+            tensor.parameters["shared_memory_region"].string_param = "bench_in"
+            tensor.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+            out = req.outputs.add(name="logits")
+            out.parameters["shared_memory_region"].string_param = "bench_out"
+            out.parameters["shared_memory_byte_size"].int64_param = out_bytes
+            out.parameters["shared_memory_offset"].int64_param = i * out_bytes
+        else:
+            req.raw_input_contents.append(x.tobytes())
+        payloads.append(req.SerializeToString())
+    async with contextlib.AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        if shm:
+            await _shm_setup(stack, channel, x, concurrency * out_bytes)
         call = channel.unary_unary(INFER)  # bytes in, bytes out
-        first = pb.ModelInferResponse.FromString(await call(payload, timeout=30))
+        first = pb.ModelInferResponse.FromString(await call(payloads[0], timeout=30))
         assert list(first.outputs[0].shape) == [shape[0], 10], first
         latencies: list[float] = []
         loop = asyncio.get_running_loop()
@@ -79,7 +101,7 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
             await asyncio.sleep(max(0.0, end - loop.time()))
             cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
 
-        async def worker() -> None:
+        async def worker(payload: bytes) -> None:
             for _ in range(10_000_000):  # bounded; the clock ends it
                 t0 = loop.time()
                 if t0 >= end:
@@ -89,7 +111,7 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
                     latencies.append(loop.time() - t0)
 
         probes = [server_cpu()] if server_pid else []
-        await asyncio.gather(*(worker() for _ in range(concurrency)), *probes)
+        await asyncio.gather(*(worker(p) for p in payloads), *probes)
     lat = np.asarray(latencies)
     out = {"requests": len(lat), "seconds": seconds, "req_per_s": len(lat) / seconds,
            "img_per_s": len(lat) * shape[0] / seconds,
@@ -101,14 +123,38 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
     return out
 
 
+async def _shm_setup(stack: contextlib.AsyncExitStack, channel: Any, x: np.ndarray,
+                     out_bytes: int) -> None:
+    """Create and register the input region (holding ``x``) and the output region; undone on
+    the stack's exit."""
+    from multiprocessing import shared_memory
+
+    from cnnctl.protos import grpc_service_pb2 as pb
+    from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    for name, size in (("bench_in", x.nbytes), ("bench_out", out_bytes)):
+        seg = shared_memory.SharedMemory(name=f"cnnctl_bench_{os.getpid()}_{name}", create=True,
+                                         size=size)
+        stack.callback(seg.unlink)
+        stack.callback(seg.close)
+        if name == "bench_in":
+            np.ndarray(x.shape, x.dtype, buffer=seg.buf)[...] = x
+        await stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name=name, key="/" + seg.name, byte_size=size))
+        stack.push_async_callback(stub.SystemSharedMemoryUnregister,
+                                  pb.SystemSharedMemoryUnregisterRequest(name=name))
+
+
 def measure(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
-            warmup: float = 1.0, server_pid: int | None = None) -> dict[str, float]:
+            warmup: float = 1.0, server_pid: int | None = None,
+            shm: bool = False) -> dict[str, float]:
     pid = ["--server-pid", str(server_pid)] if server_pid else []
     out = subprocess.run(
         [sys.executable, __file__, "--load", address, "--model", model, "--shape",
          ",".join(map(str, shape)), "--concurrency", str(concurrency), "--seconds", str(seconds),
-         "--warmup", str(warmup), *pid], capture_output=True, text=True,
-        timeout=seconds + warmup + 60)
+         "--warmup", str(warmup), *pid, *(["--shm"] if shm else [])], capture_output=True,
+        text=True, timeout=seconds + warmup + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout)
@@ -215,7 +261,9 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -
 
 # ---------------------------------------------------------------- the run
 # Short names for --only: the setups this script can measure.
-SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "ort")
+SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "b64-shm",
+          "ort")
+SHM_SETUP = "cnnctl shared memory"  # batch-64 requests whose tensors go through shared memory
 
 
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
@@ -243,8 +291,6 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
     # Every server stays up for the whole run and the points are measured round-robin, `rounds`
     # times, keeping each point's median: the CPUs are shared with other work whose load drifts
     # over minutes, and interleaving spreads that drift evenly over the setups being compared.
-    import contextlib
-
     cnnctl = {  # short name -> (setup, model, extra serve flags)
         "on-lenet5": ("cnnctl batching on", "lenet5", ()),
         "off-lenet5": ("cnnctl batching off", "lenet5", ("--no-dynamic-batching",)),
@@ -270,28 +316,34 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                 points += [(setup, model, 1, c) for c in concurrency]
         if "b64" in only:
             points += [("cnnctl batching on", "lenet5", 64, c) for c in concurrency]
+        if "b64-shm" in only:
+            servers[(SHM_SETUP, "lenet5")] = stack.enter_context(CliServer(
+                str(arts["lenet5"]), "--device", "cpu", "--allow-shared-memory", *server_args))
+            points += [(SHM_SETUP, "lenet5", 64, c) for c in concurrency]
+        if "ort" in only:  # the reference, in this process, in the same rounds as the servers
+            points += [("in-process ORT", model, batch, 1) for model, batch in (
+                ("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64))]
         samples: dict[tuple[str, str, int, int], list[dict[str, float]]] = {p: [] for p in points}
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for point in points:
                 setup, model, batch, c = point
-                server = servers[(setup, model)]
-                res = measure(server.address, model, [batch, *shapes[model]], c, seconds,
-                              server_pid=server.proc.pid)
+                if setup == "in-process ORT":
+                    res = ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]],
+                                        seconds)
+                else:
+                    server = servers[(setup, model)]
+                    res = measure(server.address, model, [batch, *shapes[model]], c, seconds,
+                                  server_pid=server.proc.pid, shm=setup == SHM_SETUP)
                 samples[point].append(res)
         for point in points:
             runs = sorted(samples[point], key=lambda res: res["img_per_s"])
             median = dict(runs[len(runs) // 2])
             median["rounds_img_per_s"] = [round(res["img_per_s"]) for res in samples[point]]
-            median["rounds_server_cpu_us_per_req"] = [
-                round(res["server_cpu_us_per_req"]) for res in samples[point]]
+            if "server_cpu_us_per_req" in median:
+                median["rounds_server_cpu_us_per_req"] = [
+                    round(res["server_cpu_us_per_req"]) for res in samples[point]]
             record(*point, median)
-    if "ort" in only:
-        print("3. in-process ONNX Runtime", flush=True)
-        for model, batch in (("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1),
-                             ("cifar-net-v3", 64)):
-            record("in-process ORT", model, batch, 1,
-                   ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]], seconds))
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -361,6 +413,7 @@ def main() -> None:
     p.add_argument("--shape", default="1,1,32,32", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--shm", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.null:
         asyncio.run(_reference_server(args.bare_onnx))
@@ -368,7 +421,8 @@ def main() -> None:
     if args.load:
         shape = [int(s) for s in args.shape.split(",")]
         print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
-                                           args.seconds, args.warmup, args.server_pid))))
+                                           args.seconds, args.warmup, args.server_pid,
+                                           args.shm))))
         return
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in only if s not in SETUPS]
