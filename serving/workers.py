@@ -32,7 +32,23 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 
 
-def _worker(config: ServerConfig, index: int, ready: Any, log_level: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker (it then drains) when the parent dies, even of SIGKILL, which leaves
+    it no chance to pass the signal on: orphaned workers would go on serving the port forever.
+    Linux's PR_SET_PDEATHSIG; elsewhere the parent's own signal handling is all there is."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(config: ServerConfig, index: int, ready: Any, log_level: int, parent: int) -> None:
+    _die_with_parent(parent)
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
     from cnnctl.serving.server import serve
@@ -71,7 +87,7 @@ def run_workers(config: ServerConfig) -> int:
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     level = logging.getLogger().getEffectiveLevel()
-    procs = [ctx.Process(target=_worker, args=(worker_config, i, ready, level),
+    procs = [ctx.Process(target=_worker, args=(worker_config, i, ready, level, os.getpid()),
                          name=f"cnnctl-serve-{i}") for i in range(config.workers)]
     stop = False
 

@@ -90,6 +90,39 @@ def test_workers_share_shared_memory_registrations(artifact: Path) -> None:
                 assert "region 'shared' is not registered" in info.value.details()
             for ch in channels:
                 ch.close()
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=60) == 0, server.output()
     finally:
         seg.close()
         seg.unlink()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_exit_when_the_parent_is_killed(artifact: Path) -> None:
+    """SIGKILL leaves the parent no chance to pass the signal on; the workers must not be left
+    serving the port as orphans."""
+    import time
+
+    with CliServer(str(artifact), "--workers", "2") as server:
+        workers = [p for p in children(server.proc.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2
+        server.proc.kill()
+        server.proc.wait(10)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.1)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert alive == [], f"workers {alive} outlived their killed parent"
