@@ -214,8 +214,12 @@ class Batcher:
     def _inline(self, images: int) -> bool:
         """Whether a batch of this size is cheap enough to compute on the loop: its moving-average
         CPU time under inline_below_us, or under inline_full_below_us for a full batch (nothing
-        could join it; see BatchingConfig). A size not seen yet runs in the pool first."""
-        limit = self._inline_full_s if images >= self._max else self._inline_s
+        could join it; see BatchingConfig). A size not seen yet runs in the pool first. "Full" is
+        the configured max_batch_size even with batching off, so that both modes treat a request
+        alike (with batching off every request would be "full", and costly small requests would
+        then block the loop where batching would have let others queue)."""
+        full = images >= self._config.max_batch_size
+        limit = self._inline_full_s if full else self._inline_s
         return self._cost.get(images, math.inf) <= limit
 
     def _launch(self, batch: list[_Pending]) -> None:

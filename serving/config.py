@@ -32,14 +32,15 @@ class BatchingConfig:
     # CPU per batch-1 request by 50-190 µs. Never on CUDA (repository.py): there the thread's
     # CPU time says nothing about the wait. 0 = always the pool.
     inline_below_us: float = 200.0
-    # The same for a full batch (max_batch_size images or more: nothing could join it). Handing a
-    # multi-threaded ORT run to the pool and back costs far more under load than the ~130 µs above:
-    # measured 600-900 µs of server CPU per lenet5 batch of 64 (2,700-3,200 vs 2,150-2,300 µs per
-    # request at concurrency 8, the GIL going back and forth between the loop and the ORT thread
-    # while gRPC keeps the loop busy), so a full batch that computes within 2 ms runs on the loop:
-    # the loop is blocked at most that long, and there was no batching to wait for. Partial
-    # batches keep the low threshold, so that costly models (cifar-net-v3: ~700 µs an image)
-    # still queue up behind a pooled run and batch under load. 0 = never.
+    # The same for a full batch (max_batch_size images or more, batching on or off: nothing could
+    # join it). Handing a multi-threaded ORT run to the pool and back costs far more under load
+    # than the ~130 µs above: measured 600-900 µs of server CPU per lenet5 batch of 64
+    # (2,700-3,200 vs 2,150-2,300 µs per request at concurrency 8, the GIL going back and forth
+    # between the loop and the ORT thread while gRPC keeps the loop busy), so a full batch that
+    # computes within 2 ms runs on the loop: the loop is blocked at most that long, and there was
+    # no batching to wait for. Other batches keep the low threshold, so that costly models
+    # (cifar-net-v3: ~700 µs an image) still queue up behind a pooled run and batch under load.
+    # 0 = never.
     inline_full_below_us: float = 2000.0
 
 

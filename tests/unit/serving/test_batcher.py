@@ -159,7 +159,7 @@ def test_inline_is_decided_per_batch_size_from_its_cpu_time() -> None:
 def test_full_batches_have_their_own_inline_threshold() -> None:
     """A full batch (nothing could join it) that computes within inline_full_below_us runs on the
     loop; a partial batch of the same cost stays in the pool, where requests queue behind it."""
-    async def main(full_us: float) -> dict[int, set[str]]:
+    async def main(full_us: float, enabled: bool = True) -> dict[int, set[str]]:
         import threading
 
         threads: dict[int, set[str]] = {}
@@ -171,8 +171,9 @@ def test_full_batches_have_their_own_inline_threshold() -> None:
                 pass
             return x[:, :1, 0, 0]
 
-        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, max_batch_size=4,
-                                               inline_below_us=200, inline_full_below_us=full_us))
+        b = Batcher("m", model, BatchingConfig(enabled=enabled, max_queue_delay_ms=0,
+                                               max_batch_size=4, inline_below_us=200,
+                                               inline_full_below_us=full_us))
         b.start()
         for _ in range(3):
             await b.submit(rows(4, 1.0))
@@ -186,6 +187,9 @@ def test_full_batches_have_their_own_inline_threshold() -> None:
     assert "MainThread" not in threads[2]
     threads = run(main(0))
     assert not any("MainThread" in names for names in threads.values())
+    # with batching off "full" is still max_batch_size images, so both modes treat a request alike
+    threads = run(main(20_000, enabled=False))
+    assert "MainThread" in threads[4] and "MainThread" not in threads[2]
 
 
 def test_cheap_request_to_an_idle_model_is_computed_without_suspending() -> None:
