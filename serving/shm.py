@@ -136,7 +136,7 @@ class SharedMemoryRegistry:
                              f"expected '/name' with letters, digits, '_', '.' or '-'")
         path = self._root / region.key.lstrip("/")
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # the object itself, not a link
         except FileNotFoundError:
             raise NotFoundError(f"shared-memory key {region.key!r} does not exist; create it "
                                 f"(shm_open) before registering region '{region.name}'") from None

@@ -84,6 +84,18 @@ def test_registry_errors_name_the_problem(segment: Any) -> None:
         reg.status("zz")
 
 
+def test_a_key_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    """The server maps the shared-memory object itself, never what a link in /dev/shm points to."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * 64)
+    (tmp_path / "link").symlink_to(target)
+    reg = SharedMemoryRegistry(root=tmp_path)
+    with pytest.raises(UsageError, match="cannot open shared-memory key '/link': Too many levels "
+                                         "of symbolic links"):
+        reg.register("r", "/link", 0, 8)
+    reg.register("r", "/elsewhere", 0, 8)  # the object itself is fine
+
+
 def test_a_view_in_use_survives_unregister(segment: Any) -> None:
     reg = SharedMemoryRegistry()
     reg.register("a", key(segment), 0, 16)
