@@ -262,8 +262,13 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -
 # ---------------------------------------------------------------- the run
 # Short names for --only: the setups this script can measure.
 SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "b64-shm",
-          "ort")
+          "b64-pa", "ort")
 SHM_SETUP = "cnnctl shared memory"  # batch-64 requests whose tensors go through shared memory
+# The batch-64 points again with Triton's perf_analyzer (C++) as the load generator, tensors in the
+# messages and through shared memory (b64-pa; needs libb64-0d and nvidia-cuda-runtime-cu12).
+PA_SETUPS = {"cnnctl, perf_analyzer": ("cnnctl batching on", ()),
+             "cnnctl shared memory, perf_analyzer": (SHM_SETUP, (
+                 "--shared-memory", "system", "--output-shared-memory-size", str(64 * 10 * 4)))}
 
 
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
@@ -316,10 +321,16 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                 points += [(setup, model, 1, c) for c in concurrency]
         if "b64" in only:
             points += [("cnnctl batching on", "lenet5", 64, c) for c in concurrency]
-        if "b64-shm" in only:
+        if "b64-shm" in only or "b64-pa" in only:
             servers[(SHM_SETUP, "lenet5")] = stack.enter_context(CliServer(
                 str(arts["lenet5"]), "--device", "cpu", "--allow-shared-memory", *server_args))
+        if "b64-shm" in only:
             points += [(SHM_SETUP, "lenet5", 64, c) for c in concurrency]
+        if "b64-pa" in only:
+            if ("cnnctl batching on", "lenet5") not in servers:
+                servers[("cnnctl batching on", "lenet5")] = stack.enter_context(CliServer(
+                    str(arts["lenet5"]), "--device", "cpu", *server_args))
+            points += [(name, "lenet5", 64, c) for name in PA_SETUPS for c in concurrency]
         if "ort" in only:  # the reference, in this process, in the same rounds as the servers
             points += [("in-process ORT", model, batch, 1) for model, batch in (
                 ("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64))]
@@ -331,12 +342,20 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                 if setup == "in-process ORT":
                     res = ort_inprocess(arts[model] / "model.onnx", [batch, *shapes[model]],
                                         seconds)
+                elif setup in PA_SETUPS:
+                    target, flags = PA_SETUPS[setup]
+                    res = _perf_analyzer(servers[(target, model)].address, model, batch, c,
+                                         seconds, flags)
+                    if res is None:
+                        continue  # no stable measurement: this round is left out
                 else:
                     server = servers[(setup, model)]
                     res = measure(server.address, model, [batch, *shapes[model]], c, seconds,
                                   server_pid=server.proc.pid, shm=setup == SHM_SETUP)
                 samples[point].append(res)
         for point in points:
+            if not samples[point]:
+                continue
             runs = sorted(samples[point], key=lambda res: res["img_per_s"])
             median = dict(runs[len(runs) // 2])
             median["rounds_img_per_s"] = [round(res["img_per_s"]) for res in samples[point]]
@@ -348,11 +367,24 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
-        "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py --load)",
+        "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py "
+                          "--load); the ', perf_analyzer' setups: Triton's perf_analyzer",
         "seconds_per_point": seconds, "rounds": rounds, "server_args": list(server_args),
         "load_average_at_start": start_load,
         "load_average_at_end": os.getloadavg(), "rows": rows,
     }
+
+
+def _perf_analyzer(address: str, model: str, batch: int, concurrency: int, seconds: float,
+                   flags: tuple[str, ...]) -> dict[str, float] | None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from client_vs_perf_analyzer import run_perf_analyzer
+
+    res = run_perf_analyzer(address, model, concurrency, int(seconds * 1000), batch, flags)
+    if res is None:
+        return None
+    return {"img_per_s": res["images_per_s"], "req_per_s": res["images_per_s"] / batch,
+            "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]}
 
 
 def table(result: dict[str, object]) -> str:
