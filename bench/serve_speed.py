@@ -407,7 +407,25 @@ def plot(result: dict[str, object], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = result["rows"]  # type: ignore[index]
+    big = [r for r in rows if r["request_batch"] == 64 and r["setup"] != "in-process ORT"]
+    fig, axes = plt.subplots(1, 3 if big else 2, figsize=(16 if big else 11, 4))
+    if big:
+        ax = axes[2]
+        for i, setup in enumerate(dict.fromkeys(r["setup"] for r in big)):
+            pts = [r for r in big if r["setup"] == setup]
+            ax.plot([r["img_per_s"] for r in pts], [r["p99_ms"] for r in pts], marker="o",
+                    label=setup, color=f"C{i + 4}")
+            for r in pts:
+                ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p99_ms"]), fontsize=8)
+        ref = [r for r in rows if r["setup"] == "in-process ORT" and r["model"] == "lenet5"
+               and r["request_batch"] == 64]
+        if ref:
+            ax.axvline(ref[0]["img_per_s"], color="k", lw=1, label="in-process ORT")
+            ax.axvline(0.6 * ref[0]["img_per_s"], color="k", lw=1, ls="--", label="0.6x of it")
+        ax.set(title="lenet5, batch-64 requests", xlabel="images/s", ylabel="p99 latency (ms)",
+               yscale="log")
+        ax.legend(fontsize=7)
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
         for setup, color in (("null server", "C0"), ("bare ORT server", "C1"),
                              ("cnnctl batching on", "C2"), ("cnnctl batching off", "C3")):
