@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,19 +40,26 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "art"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
-                    reason="tritonclient is not installed")
-def test_tritonclient_against_cnnctl_serve(trained_artifact: Path, tmp_path: Path) -> None:
+def probe_input(artifact: Path, tmp_path: Path, n: int, seed: int) -> tuple[Any, np.ndarray,
+                                                                           np.ndarray]:
+    """(manifest, n random images saved as tmp_path/x.npy for the probe, in-process ORT's
+    logits for them: what the answers must equal)."""
     import onnxruntime as ort
 
     from cnnctl.export.manifest import load_manifest
 
-    manifest = load_manifest(trained_artifact)
-    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    manifest = load_manifest(artifact)
+    x = np.random.default_rng(seed).standard_normal((n, 1, 32, 32), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
-    session = ort.InferenceSession(str(trained_artifact / manifest.file("onnx").path),
+    session = ort.InferenceSession(str(artifact / manifest.file("onnx").path),
                                    providers=["CPUExecutionProvider"])
-    expected = session.run(["logits"], {"input": x})[0]
+    return manifest, x, session.run(["logits"], {"input": x})[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient is not installed")
+def test_tritonclient_against_cnnctl_serve(trained_artifact: Path, tmp_path: Path) -> None:
+    manifest, x, expected = probe_input(trained_artifact, tmp_path, 3, seed=0)
 
     with CliServer(str(trained_artifact)) as server:
         assert any("on CPUExecutionProvider" in line for line in server.lines)
@@ -89,16 +97,7 @@ def test_tritonclient_against_cnnctl_serve(trained_artifact: Path, tmp_path: Pat
 def test_tritonclient_system_shared_memory(trained_artifact: Path, tmp_path: Path) -> None:
     """tritonclient's shared-memory calls against `cnnctl serve --allow-shared-memory`: the input
     read from and the output written to POSIX shared memory equal in-process ONNX Runtime."""
-    import onnxruntime as ort
-
-    from cnnctl.export.manifest import load_manifest
-
-    manifest = load_manifest(trained_artifact)
-    x = np.random.default_rng(1).standard_normal((4, 1, 32, 32), dtype=np.float32)
-    np.save(tmp_path / "x.npy", x)
-    session = ort.InferenceSession(str(trained_artifact / manifest.file("onnx").path),
-                                   providers=["CPUExecutionProvider"])
-    expected = session.run(["logits"], {"input": x})[0]
+    manifest, x, expected = probe_input(trained_artifact, tmp_path, 4, seed=1)
     with CliServer(str(trained_artifact), "--allow-shared-memory") as server:
         done = subprocess.run([sys.executable, str(PROBE), server.address, manifest.name,
                                str(tmp_path / "x.npy"), "shm"], capture_output=True, text=True,
