@@ -79,11 +79,9 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
                              f"in the message; send one")
         raw = shm.view(*input_shm, tensor=f"input '{spec.name}'")  # type: ignore[union-attr]
     if tensor.datatype == "BYTES":
-        if output_shm is not None:
-            raise UsageError(f"output '{manifest.output.name}': shared-memory output is for "
-                             f"tensor inputs; send encoded images without it")
-        return DecodedInput(images=_decode_images(
-            tensor, None if raw is None else bytes(raw), spec.name))
+        images = _decode_images(tensor, None if raw is None else bytes(raw), spec.name)
+        return DecodedInput(images=images,
+                            output_view=_output_view(output_shm, len(images), manifest, shm))
     dtype = TENSOR_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise UsageError(f"input '{spec.name}': datatype '{tensor.datatype}' is not supported; "
@@ -113,16 +111,22 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
         array = np.asarray(values, dtype=np.float32).reshape(shape)
     else:
         raise UsageError(f"input '{spec.name}' has no data: send raw_input_contents or contents")
-    view = None
-    if output_shm is not None:
-        out_name = f"output '{manifest.output.name}'"
-        region, offset, size = output_shm
-        need = shape[0] * math.prod(manifest.output.shape[1:]) * 4
-        if size < need:
-            raise UsageError(f"{out_name}: shared_memory_byte_size {size} is too small; "
-                             f"{shape[0]} x {_fmt(manifest.output.shape[1:])} FP32 needs {need}")
-        view = shm.view(region, offset, size, tensor=out_name)[:need]  # type: ignore[union-attr]
-    return DecodedInput(tensor=array.astype(np.float32, copy=False), output_view=view)
+    return DecodedInput(tensor=array.astype(np.float32, copy=False),
+                        output_view=_output_view(output_shm, shape[0], manifest, shm))
+
+
+def _output_view(output_shm: tuple[str, int, int] | None, n: int, manifest: Manifest,
+                 shm: SharedMemoryRegistry | None) -> memoryview | None:
+    """Where the output of ``n`` images goes when the request put it in shared memory."""
+    if output_shm is None:
+        return None
+    name = f"output '{manifest.output.name}'"
+    region, offset, size = output_shm
+    need = n * math.prod(manifest.output.shape[1:]) * 4
+    if size < need:
+        raise UsageError(f"{name}: shared_memory_byte_size {size} is too small; "
+                         f"{n} x {_fmt(manifest.output.shape[1:])} FP32 needs {need}")
+    return shm.view(region, offset, size, tensor=name)[:need]  # type: ignore[union-attr]
 
 
 def _shm_params(params: object, tensor: str,

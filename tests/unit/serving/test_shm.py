@@ -5,6 +5,8 @@ status code and a message that names it."""
 from __future__ import annotations
 
 import asyncio
+import io
+import struct
 import uuid
 from collections.abc import Iterator
 from multiprocessing import shared_memory
@@ -14,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from cnnctl.errors import AlreadyExistsError, NotFoundError, UsageError
 from cnnctl.protos import grpc_service_pb2 as pb
@@ -201,6 +204,20 @@ def test_inputs_and_outputs_through_shared_memory(artifacts: dict[str, Path], re
             np.testing.assert_allclose(get(segment, 32768, len(xs)),
                                        np.concatenate([reference(xi) for xi in xs]), rtol=1e-5,
                                        atol=1e-5)
+            # encoded images in the message, their logits into shared memory
+            png = io.BytesIO()
+            Image.fromarray(np.full((28, 28), 200, np.uint8)).save(png, format="PNG")
+            images = pb.ModelInferRequest(model_name="lenet5")
+            raw = b"".join(struct.pack("<I", len(png.getvalue())) + png.getvalue()
+                           for _ in range(2))
+            images.inputs.add(name="input", datatype="BYTES", shape=[2])
+            images.raw_input_contents.append(raw)
+            in_message = logits_of(await s.ModelInfer(images))
+            o = images.outputs.add(name="logits")
+            o.parameters["shared_memory_region"].string_param = "out"
+            o.parameters["shared_memory_byte_size"].int64_param = 80
+            assert list((await s.ModelInfer(images)).raw_output_contents) == [b""]
+            np.testing.assert_array_equal(get(segment, 32768, 2), in_message)
             stats = (await s.ModelStatistics(pb.ModelStatisticsRequest(name="lenet5"))).model_stats
             assert stats[0].execution_count < stats[0].inference_stats.success.count  # merged
             await s.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="in"))
