@@ -27,7 +27,8 @@ _BATCH = BatchingConfig()
               help="Requests queued per model before RESOURCE_EXHAUSTED.")
 @click.option("--inline-below-us", type=float, default=_BATCH.inline_below_us, show_default=True,
               help="Run batches expected to compute faster than this (µs) on the event loop "
-              "instead of handing them to the thread pool; 0 = always the pool.")
+              "instead of handing them to the thread pool (0, with --inline-full-below-us 0: "
+              "always the pool).")
 @click.option("--inline-full-below-us", type=float, default=_BATCH.inline_full_below_us,
               show_default=True, help="The same for full batches (--max-batch-size images or "
               "more), which no other request could join; 0 = always the pool.")

@@ -30,7 +30,7 @@ class BatchingConfig:
     # more call would. lenet5 batches up to ~8 images stay inline; cifar-net-v3 (~700 µs an
     # image) never does. Measured end to end (docs/serving.md): 0 → 200 µs cut lenet5's server
     # CPU per batch-1 request by 50-190 µs. Never on CUDA (repository.py): there the thread's
-    # CPU time says nothing about the wait. 0 = always the pool.
+    # CPU time says nothing about the wait. 0 (and inline_full_below_us 0) = always the pool.
     inline_below_us: float = 200.0
     # The same for a full batch (max_batch_size images or more, batching on or off: nothing could
     # join it). Handing a multi-threaded ORT run to the pool and back costs far more under load
