@@ -12,6 +12,10 @@ Off unless ``cnnctl serve --allow-shared-memory`` (Triton: ``--allow-client-shm`
 may register regions can make the server read and write any shared-memory object the server's user
 may open. Linux only (the objects are files under /dev/shm).
 
+A region's object truncated after registering is refused when a request names it (the size is
+checked on every use); one truncated while a request is being computed on it can still take the
+server down with SIGBUS, as it can Triton: the reason this is opt-in and for trusted local clients.
+
 With ``--workers N`` a client's connections may reach different workers, so the registrations
 live in a directory the workers share (one JSON file per region); each worker maps a region the
 first time a request names it and notices an unregister or re-register by a stat of that file.
@@ -123,6 +127,13 @@ class SharedMemoryRegistry:
                              f"{byte_size} is beyond shared-memory region '{name}' "
                              f"({region.byte_size} bytes)")
         start = region.offset + offset
+        # Touching a mapping past the end of its (since truncated) object would kill the server
+        # with SIGBUS: check the object's size now (mmap keeps its own descriptor to fstat).
+        size = mapped.mm.size()
+        if start + byte_size > size:
+            raise UsageError(f"{tensor}: shared-memory key {region.key!r} holds {size} bytes now, "
+                             f"fewer than region '{name}' needs ({start + byte_size}); it was "
+                             f"truncated after registering")
         return memoryview(mapped.mm)[start:start + byte_size]
 
     def close(self) -> None:

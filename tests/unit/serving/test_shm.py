@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import struct
 import uuid
 from collections.abc import Iterator
@@ -97,6 +98,19 @@ def test_a_key_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
                                          "of symbolic links"):
         reg.register("r", "/link", 0, 8)
     reg.register("r", "/elsewhere", 0, 8)  # the object itself is fine
+
+
+def test_an_object_truncated_after_registering_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """Reading a mapping past the end of its truncated object would be SIGBUS: refused first."""
+    (tmp_path / "obj").write_bytes(b"\1" * 4096)
+    reg = SharedMemoryRegistry(root=tmp_path)
+    reg.register("r", "/obj", 0, 4096)
+    assert bytes(reg.view("r", 4000, 96, tensor="t")) == b"\1" * 96
+    os.truncate(tmp_path / "obj", 1000)
+    with pytest.raises(UsageError, match=r"t: shared-memory key '/obj' holds 1000 bytes now, "
+                                         r"fewer than region 'r' needs \(4096\); it was truncated"):
+        reg.view("r", 4000, 96, tensor="t")
+    assert len(reg.view("r", 0, 1000, tensor="t")) == 1000  # what is still there is usable
 
 
 def test_a_view_in_use_survives_unregister(segment: Any) -> None:
