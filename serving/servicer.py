@@ -157,15 +157,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _shm_call(self, fn: Callable[[SharedMemoryRegistry], T],
                         context: grpc.aio.ServicerContext) -> T:
-        try:
+        def call() -> T:
             if self.shm is None:
                 raise NotEnabledError("system shared memory is off; start cnnctl serve with "
                                       "--allow-shared-memory to register regions")
             return fn(self.shm)
-        except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
-            code, message = status_for(exc)
-            await context.abort(code, message)
-            raise
+
+        return await _or_abort(call, context)
 
     # -- inference
     async def ModelInfer(self, request: pb.ModelInferRequest,
@@ -246,12 +244,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _model(self, name: str, version: str,
                      context: grpc.aio.ServicerContext) -> LoadedModel:
-        try:
-            return self.repo.get(name, version)
-        except Exception as exc:  # noqa: BLE001
-            code, message = status_for(exc)
-            await context.abort(code, message)
-            raise
+        return await _or_abort(lambda: self.repo.get(name, version), context)
+
+
+async def _or_abort(fn: Callable[[], T], context: grpc.aio.ServicerContext) -> T:
+    """``fn()``, or the RPC aborted with the status its exception maps to (serving/errors.py)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
+        code, message = status_for(exc)
+        await context.abort(code, message)
+        raise  # unreachable: abort raises
 
 
 def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
