@@ -314,7 +314,7 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                 ReferenceServer(arts["lenet5"] / "model.onnx"))
             points += [("bare ORT server", "lenet5", 1, c) for c in concurrency]
         for short, (setup, model, flags) in cnnctl.items():
-            if short in only or (short == "on-lenet5" and "b64" in only):
+            if short in only or (short == "on-lenet5" and ("b64" in only or "b64-pa" in only)):
                 servers[(setup, model)] = stack.enter_context(CliServer(
                     str(arts[model]), "--device", "cpu", *flags, *server_args))
             if short in only:
@@ -327,9 +327,6 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         if "b64-shm" in only:
             points += [(SHM_SETUP, "lenet5", 64, c) for c in concurrency]
         if "b64-pa" in only:
-            if ("cnnctl batching on", "lenet5") not in servers:
-                servers[("cnnctl batching on", "lenet5")] = stack.enter_context(CliServer(
-                    str(arts["lenet5"]), "--device", "cpu", *server_args))
             points += [(name, "lenet5", 64, c) for name in PA_SETUPS for c in concurrency]
         if "ort" in only:  # the reference, in this process, in the same rounds as the servers
             points += [("in-process ORT", model, batch, 1) for model, batch in (
@@ -377,7 +374,8 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
 
 def _perf_analyzer(address: str, model: str, batch: int, concurrency: int, seconds: float,
                    flags: tuple[str, ...]) -> dict[str, float] | None:
-    sys.path.insert(0, str(Path(__file__).parent))
+    if str(Path(__file__).parent) not in sys.path:  # bench/ is not a package
+        sys.path.insert(0, str(Path(__file__).parent))
     from client_vs_perf_analyzer import run_perf_analyzer
 
     res = run_perf_analyzer(address, model, concurrency, int(seconds * 1000), batch, flags)
