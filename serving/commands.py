@@ -32,6 +32,10 @@ _BATCH = BatchingConfig()
 @click.option("--inline-full-below-us", type=float, default=_BATCH.inline_full_below_us,
               show_default=True, help="The same for full batches (--max-batch-size images or "
               "more), which no other request could join; 0 = always the pool.")
+@click.option("--gather-max-ms", type=float, default=_BATCH.gather_max_ms, show_default=True,
+              help="Under load, let a cheap request that finds the model idle wait up to this "
+              "long while new requests keep arriving, so that small models batch too (used only "
+              "while it forms batches of 8+ images); 0 = off.")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
               help="Off: every request runs as its own execution.")
 @click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
@@ -56,7 +60,8 @@ _BATCH = BatchingConfig()
               "server's user may open.")
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
-          inline_below_us: float, inline_full_below_us: float, dynamic_batching: bool,
+          inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
+          dynamic_batching: bool,
           instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
           max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
@@ -72,7 +77,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
     if max_queue_delay_ms < 0:
         raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
     for flag, value in (("--inline-below-us", inline_below_us),
-                        ("--inline-full-below-us", inline_full_below_us)):
+                        ("--inline-full-below-us", inline_full_below_us),
+                        ("--gather-max-ms", gather_max_ms)):
         if value < 0:
             raise UsageError(f"{flag} must be at least 0, got {value}")
     if bool(tls_cert) != bool(tls_key):
@@ -85,7 +91,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
                                 max_queue_delay_ms=max_queue_delay_ms,
                                 max_queue_size=max_queue_size,
                                 inline_below_us=inline_below_us,
-                                inline_full_below_us=inline_full_below_us),
+                                inline_full_below_us=inline_full_below_us,
+                                gather_max_ms=gather_max_ms),
         instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,

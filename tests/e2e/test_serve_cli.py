@@ -30,6 +30,8 @@ def test_user_errors_are_one_line_exit_2(artifact: Path, tmp_path: Path) -> None
         ((str(artifact), "--max-batch-size", "0"), "error: --max-batch-size must be at least 1, got 0"),
         ((str(artifact), "--inline-full-below-us", "-1"),
          "error: --inline-full-below-us must be at least 0, got -1.0"),
+        ((str(artifact), "--gather-max-ms", "-5"),
+         "error: --gather-max-ms must be at least 0, got -5.0"),
         ((str(artifact), "--device", "cuda"), "error: --device cuda: no usable CUDA GPU "
          "(onnxruntime's CUDA provider did not initialise); use --device auto or cpu"),
     ]

@@ -195,7 +195,8 @@ def test_full_batches_have_their_own_inline_threshold() -> None:
 def test_cheap_request_to_an_idle_model_is_computed_without_suspending() -> None:
     async def main() -> list[str]:
         events: list[str] = []
-        b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6))
+        b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
+                                                     gather_max_ms=0))
         b.start()
         await b.submit(rows(1, 1.0))  # the first of its size is measured in the pool
         loop = asyncio.get_running_loop()
@@ -278,3 +279,101 @@ def test_cancelled_request_is_skipped() -> None:
         assert model.batches == [1, 1]
 
     run(main())
+
+
+async def _busy_loop(stop: asyncio.Event) -> None:
+    """Keeps the event loop busy (a callback ready in every iteration), as gRPC traffic does."""
+    while not stop.is_set():
+        await asyncio.sleep(0)
+
+
+def test_gathering_batches_cheap_requests_that_keep_arriving_under_load() -> None:
+    """A cheap request to an idle model waits while the loop keeps bringing new ones (a probe,
+    then on for all once the probe gathered 16+), instead of running alone on the loop."""
+    async def main() -> None:
+        model = FakeModel()
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
+                                               gather_max_ms=1000))
+        b.start()
+        await b.submit(rows(1, 1.0))  # measures batch 1 in the pool: now it is "cheap"
+
+        async def client(i: int) -> np.ndarray:
+            for _ in range(i):  # arrivals spread over 40 loop iterations
+                await asyncio.sleep(0)
+            return await b.submit(rows(1, float(i)))
+
+        results = await asyncio.gather(*(client(i) for i in range(40)))
+        for i, out in enumerate(results):
+            np.testing.assert_allclose(out, [[i * 4 * 2]])
+        assert model.batches == [1, 40]  # one gathered batch, not 40 runs of one image
+        # Gathering is now on: the next burst gathers too, without waiting for a probe.
+        await asyncio.gather(*(client(i) for i in range(20)))
+        assert model.batches[2:] == [20]
+        await b.drain()
+
+    run(main())
+
+
+def test_gathering_stays_off_for_a_lone_client() -> None:
+    """A closed-loop client alone: the first request probes (it gathers only itself), and the
+    next ones are computed at once, without suspending, until the next probe 100 ms later."""
+    async def main() -> list[str]:
+        model = FakeModel()
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6))
+        b.start()
+        for _ in range(5):
+            await b.submit(rows(1, 1.0))  # the pool once, then the probe, then inline
+        events: list[str] = []
+        asyncio.get_running_loop().call_soon(events.append, "loop ran")
+        await b.submit(rows(1, 3.0))
+        events.append("answered")
+        await asyncio.sleep(0)
+        await b.drain()
+        assert model.batches == [1] * 6
+        return events
+
+    assert run(main()) == ["answered", "loop ran"]
+
+
+def test_gathering_stops_at_gather_max_ms_and_half_a_deadline() -> None:
+    async def main(deadline_s: float | None) -> float:
+        b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
+                                                     gather_max_ms=60))
+        b.start()
+        await b.submit(rows(1, 1.0))
+        stop = asyncio.Event()
+        busy = asyncio.create_task(_busy_loop(stop))  # never idle: only time ends the gathering
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = None if deadline_s is None else start + deadline_s
+        out = await b.submit(rows(1, 2.0), deadline=deadline)  # the first probe: it gathers
+        waited = loop.time() - start
+        np.testing.assert_allclose(out, [[16.0]])
+        stop.set()
+        await busy
+        await b.drain()
+        return waited
+
+    assert 0.055 <= run(main(None)) < 0.5  # gather_max_ms
+    assert 0.015 <= run(main(0.04)) < 0.035  # half of the 40 ms left, answered in time
+
+
+def test_gathering_is_off_with_gather_max_ms_0_and_without_batching() -> None:
+    async def main(config: BatchingConfig) -> list[int]:
+        model = FakeModel()
+        b = Batcher("m", model, config)
+        b.start()
+        await b.submit(rows(1, 1.0))
+
+        async def client(i: int) -> np.ndarray:
+            for _ in range(i):
+                await asyncio.sleep(0)
+            return await b.submit(rows(1, float(i)))
+
+        await asyncio.gather(*(client(i) for i in range(20)))
+        await b.drain()
+        return model.batches
+
+    assert run(main(BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
+                                   gather_max_ms=0))) == [1] * 21
+    assert run(main(BatchingConfig(enabled=False, inline_below_us=1e6))) == [1] * 21
