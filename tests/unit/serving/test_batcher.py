@@ -377,3 +377,38 @@ def test_gathering_is_off_with_gather_max_ms_0_and_without_batching() -> None:
     assert run(main(BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
                                    gather_max_ms=0))) == [1] * 21
     assert run(main(BatchingConfig(enabled=False, inline_below_us=1e6))) == [1] * 21
+
+
+def test_gathering_probes_ever_more_rarely_while_they_find_no_company() -> None:
+    """A lone client: each probe gathers only itself, and the wait to the next one doubles (0.1,
+    0.2, 0.4 s, ...), so over 0.8 s there are ~4 probes, not 8."""
+    class Waits:
+        def __init__(self) -> None:
+            self.queued: list[float] = []
+
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def queued_for(self, seconds: float) -> None:
+            self.queued.append(seconds)
+
+        def executed(self, images: int, seconds: float, requests: int) -> None:
+            pass
+
+    async def main() -> int:
+        waits = Waits()
+        b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6),
+                    observer=waits)
+        b.start()
+        await b.submit(rows(1, 1.0))  # measures batch 1 in the pool
+        loop = asyncio.get_running_loop()
+        waits.queued.clear()
+        end = loop.time() + 0.8
+        while loop.time() < end:
+            await b.submit(rows(1, 1.0))
+            await asyncio.sleep(0.001)
+        await b.drain()
+        assert len(waits.queued) > 100
+        return sum(1 for w in waits.queued if w > 0)  # the probes: they waited a few loop ticks
+
+    assert 3 <= run(main()) <= 5
