@@ -113,7 +113,6 @@ class Batcher:
         self._cost: dict[int, float] = {}  # batch size -> moving average of its CPU seconds
         self._gather_s = config.gather_max_ms / 1000.0 if config.enabled else 0.0
         self._gathering = False  # a _gather_tick chain is waiting for the queue to stop growing
-        self._gathered = False  # _dispatch is sending a gathered batch (inline rule of full ones)
         self._gather_until = 0.0  # loop.time(): gather_max_ms, or an earlier deadline, passes
         self._gather_seen = 0  # queue length at the last tick
         self._quiet = 0  # idle ticks in a row with no new request
@@ -213,11 +212,7 @@ class Batcher:
             loop.call_soon(self._gather_tick)
             return
         self._end_gather()
-        self._gathered = True
-        try:
-            self._dispatch()
-        finally:
-            self._gathered = False
+        self._dispatch(gathered=True)
 
     def _end_gather(self) -> None:
         self._gathering = False
@@ -252,7 +247,9 @@ class Batcher:
             self._scheduled = True
             self._loop.call_soon(self._dispatch)  # type: ignore[union-attr]
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, gathered: bool = False) -> None:
+        """Launch what the free instances can take; ``gathered``: the queue is a gathered batch
+        (the full-batch inline rule applies to it)."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
@@ -268,7 +265,7 @@ class Batcher:
                     break
             batch = self._take(now)
             if batch:
-                self._launch(batch)
+                self._launch(batch, gathered)
         self._observer.queue_depth(len(self._queue))
         self._check_idle()
 
@@ -308,7 +305,7 @@ class Batcher:
         y = self._run(x)
         return y, time.perf_counter() - wall, time.thread_time() - cpu
 
-    def _inline(self, images: int) -> bool:
+    def _inline(self, images: int, gathered: bool = False) -> bool:
         """Whether a batch of this size is cheap enough to compute on the loop: its moving-average
         CPU time under inline_below_us, or under inline_full_below_us for a full batch (nothing
         could join it; see BatchingConfig). A size not seen yet runs in the pool first. "Full" is
@@ -316,15 +313,15 @@ class Batcher:
         alike (with batching off every request would be "full", and costly small requests would
         then block the loop where batching would have let others queue). A gathered batch
         counts as full: it went because nothing more was arriving."""
-        full = images >= self._config.max_batch_size or self._gathered
+        full = images >= self._config.max_batch_size or gathered
         limit = self._inline_full_s if full else self._inline_s
         return self._cost.get(images, math.inf) <= limit
 
-    def _launch(self, batch: list[_Pending]) -> None:
+    def _launch(self, batch: list[_Pending], gathered: bool = False) -> None:
         self._free -= 1
         x = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         images = int(x.shape[0])
-        if self._inline(images):
+        if self._inline(images, gathered):
             # Cheaper to compute than to hand to a thread and back (see BatchingConfig). Timed
             # as in the pool: by CPU time, which unlike the wall time leaves out the moments
             # another process held the core (they would push the estimate over the threshold).
