@@ -140,20 +140,23 @@ class Batcher:
             self.start()
         loop = self._loop
         assert loop is not None
-        pending = _Pending(inputs, int(inputs.shape[0]), loop.create_future(), loop.time(),
-                           deadline)
+        images = int(inputs.shape[0])
+        now = loop.time()
+        gather = False
         if (not self._queue and self._free > 0 and self._delay == 0.0
-                and self._inline(pending.n) and (deadline is None or deadline > pending.enqueued)):
-            if not self._should_gather(pending.n, pending.enqueued):
+                and self._inline(images) and (deadline is None or deadline > now)):
+            if not self._should_gather(images, now):
                 # Idle, no queue delay, and cheap: compute now, in this step of the caller's
                 # task. Waiting a loop iteration for company costs two more loop steps per
                 # request, and grpc starts the handlers about one per loop iteration, so only a
                 # wait over many iterations finds company, and only under load (gathering).
                 self._observer.queued_for(0.0)
-                self._launch([pending])
-                return pending.future.result()
+                return self._run_now(inputs, images)
+            gather = True
+        pending = _Pending(inputs, images, loop.create_future(), now, deadline)
+        if gather:
             self._gathering = True
-            self._gather_until = pending.enqueued + self._gather_s
+            self._gather_until = now + self._gather_s
             self._gather_seen = 0
             self._quiet = 0
             loop.call_soon(self._gather_tick)
@@ -317,6 +320,17 @@ class Batcher:
         limit = self._inline_full_s if full else self._inline_s
         return self._cost.get(images, math.inf) <= limit
 
+    def _run_now(self, x: np.ndarray, images: int) -> np.ndarray:
+        """One request's batch, computed on the loop at once (no queue, no future: this is the
+        path of every request under light load, where each step counts)."""
+        self._free -= 1
+        try:
+            y, seconds, cpu = self._execute(x)
+        finally:
+            self._free += 1
+        self._account(images, 1, seconds, cpu)
+        return y
+
     def _launch(self, batch: list[_Pending], gathered: bool = False) -> None:
         self._free -= 1
         x = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
@@ -358,12 +372,7 @@ class Batcher:
     def _deliver(self, batch: list[_Pending], images: int,
                  result: tuple[np.ndarray, float, float]) -> None:
         y, seconds, cpu = result
-        self._observer.executed(images, seconds, len(batch))
-        # The thread's CPU time, not the wall time: it is what running inline would block the
-        # loop for, and unlike the wall time it leaves out the wait for the GIL after a pooled run
-        # (up to the 5 ms switch interval when the loop is busy).
-        cost = self._cost.get(images)
-        self._cost[images] = cpu if cost is None else 0.9 * cost + 0.1 * cpu
+        self._account(images, len(batch), seconds, cpu)
         if len(batch) == 1:
             p = batch[0]
             if not p.future.done():
@@ -374,6 +383,14 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(y[offset:offset + p.n])
             offset += p.n
+
+    def _account(self, images: int, requests: int, seconds: float, cpu: float) -> None:
+        self._observer.executed(images, seconds, requests)
+        # The thread's CPU time, not the wall time: it is what running inline would block the
+        # loop for, and unlike the wall time it leaves out the wait for the GIL after a pooled run
+        # (up to the 5 ms switch interval when the loop is busy).
+        cost = self._cost.get(images)
+        self._cost[images] = cpu if cost is None else 0.9 * cost + 0.1 * cpu
 
     def _check_idle(self) -> None:
         if not self._queue and self._free == self._instances:

@@ -46,9 +46,9 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
                    shm: SharedMemoryRegistry | None = None) -> DecodedInput:
     """``shm``: the server's shared-memory regions (None: the extension is off)."""
     spec = manifest.input
-    fast = _fast_path(request, manifest)
+    fast = fast_tensor(request, manifest)
     if fast is not None:
-        return fast
+        return DecodedInput(tensor=fast)
     names = [t.name for t in request.inputs]
     if spec.name not in names:
         got = f"got {', '.join(repr(n) for n in names)}" if names else "got no inputs"
@@ -155,29 +155,100 @@ def _shm_params(params: object, tensor: str,
     return region.string_param, values[0], values[1]
 
 
-def _fast_path(request: pb.ModelInferRequest, manifest: Manifest) -> DecodedInput | None:
-    """The common case, checked cheaply (it runs on the event loop for every request): one FP32
-    input named right, in raw contents of the right length, no outputs requested by another name.
-    Anything else goes through the full checks, which name what is wrong."""
+_F32 = np.dtype("<f4")
+_CACHE_MAX = 256  # entries per FastCodec cache; beyond it requests are checked field by field
+
+
+def fast_tensor(request: pb.ModelInferRequest, manifest: Manifest) -> np.ndarray | None:
+    """The common request's input, or None for anything else, which decode_request then checks
+    in full and names what is wrong. Common: one FP32 input named right, in raw contents of the
+    right length, no shared memory, no outputs requested by another name."""
+    raws = request.raw_input_contents
     inputs = request.inputs
-    if len(inputs) != 1 or len(request.raw_input_contents) != 1:
+    if len(raws) != 1 or len(inputs) != 1:
         return None
-    tensor = inputs[0]
+    shape = _common_shape(inputs[0], request.outputs, manifest)
+    if shape is None or len(raws[0]) != 4 * math.prod(shape):
+        return None
+    return np.ndarray(shape, _F32, raws[0])
+
+
+def _common_shape(tensor: pb.ModelInferRequest.InferInputTensor, outputs: object,
+                  manifest: Manifest) -> tuple[int, ...] | None:
+    """The input's shape when its description and the requested outputs are the common case."""
     spec = manifest.input
-    if (tensor.name != spec.name or tensor.datatype != "FP32" or tensor.HasField("contents")
-            or tensor.parameters):  # parameters: shared memory, for one
+    if (tensor.datatype != "FP32" or tensor.name != spec.name or tensor.parameters
+            or tensor.HasField("contents")):  # parameters: shared memory, for one
         return None
-    shape = list(tensor.shape)
+    shape = tuple(tensor.shape)
     expected = spec.shape
-    if len(shape) != len(expected) or shape[0] < 1 or shape[1:] != expected[1:]:
+    if len(shape) != len(expected) or shape[0] < 1 or list(shape[1:]) != expected[1:]:
         return None
-    for out in request.outputs:
+    for out in outputs:  # type: ignore[attr-defined]
         if out.name != manifest.output.name or out.parameters:
             return None
-    raw = request.raw_input_contents[0]
-    if len(raw) != 4 * math.prod(shape):
-        return None
-    return DecodedInput(tensor=np.frombuffer(raw, dtype="<f4").reshape(shape))
+    return shape
+
+
+class FastCodec:
+    """One model's common requests decoded and answered with as little work as possible: this
+    runs on the event loop for every request, where each protobuf field read (a wrapper object)
+    and each numpy call costs microseconds. A client sends the same input description (name,
+    datatype, shape, parameters; and the outputs it asks for) with every request, so their
+    serialized bytes are looked up among those already checked - one call instead of reading
+    each field; equal bytes mean an equal description, and a new one is checked field by field
+    (fast_tensor's rules) before it is remembered. Answers are copied from a per-shape
+    template."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        # (input description, requested outputs), serialized -> (shape, raw byte length)
+        self._checked: dict[tuple[bytes, ...], tuple[tuple[int, ...], int]] = {}
+        self._answers: dict[tuple[int, ...], pb.ModelInferResponse] = {}
+
+    def tensor(self, request: pb.ModelInferRequest) -> np.ndarray | None:
+        """As fast_tensor."""
+        raws = request.raw_input_contents
+        inputs = request.inputs
+        if len(raws) != 1 or len(inputs) != 1:
+            return None
+        outputs = request.outputs
+        key: tuple[bytes, ...] = (inputs[0].SerializeToString(),)
+        if outputs:
+            key = (*key, *(o.SerializeToString() for o in outputs))
+        known = self._checked.get(key)
+        if known is None:
+            shape = _common_shape(inputs[0], outputs, self.manifest)
+            if shape is None:
+                return None
+            known = (shape, 4 * math.prod(shape))
+            if len(self._checked) < _CACHE_MAX:
+                self._checked[key] = known
+        raw = raws[0]
+        if len(raw) != known[1]:
+            return None
+        return np.ndarray(known[0], _F32, raw)
+
+    def response(self, request: pb.ModelInferRequest, output: np.ndarray,
+                 output_view: memoryview | None = None) -> pb.ModelInferResponse:
+        """As encode_response."""
+        if output_view is not None or output.dtype != _F32 or not output.flags.c_contiguous:
+            return encode_response(request, self.manifest, output, output_view)
+        template = self._answers.get(output.shape)
+        if template is None:
+            man = self.manifest
+            template = pb.ModelInferResponse(model_name=man.name, model_version=man.version)
+            template.outputs.add(name=man.output.name, datatype="FP32", shape=output.shape)
+            template.raw_output_contents.append(b"")
+            if len(self._answers) < _CACHE_MAX:
+                self._answers[output.shape] = template
+        response = pb.ModelInferResponse()
+        response.CopyFrom(template)
+        rid = request.id
+        if rid:
+            response.id = rid
+        response.raw_output_contents[0] = output.tobytes()
+        return response
 
 
 def _decode_images(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
@@ -202,7 +273,7 @@ def encode_response(request: pb.ModelInferRequest, manifest: Manifest, output: n
                     output_view: memoryview | None = None) -> pb.ModelInferResponse:
     """The answer; with ``output_view`` the output goes into that shared memory instead (the
     answer then describes it and carries an empty entry for its data, as Triton's does)."""
-    output = np.ascontiguousarray(output, dtype="<f4")
+    output = np.ascontiguousarray(output, dtype=_F32)
     response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version,
                                      id=request.id)
     tensor = response.outputs.add(name=manifest.output.name, datatype="FP32", shape=output.shape)

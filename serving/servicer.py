@@ -17,7 +17,7 @@ from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
-from cnnctl.serving.codec import decode_request, encode_response
+from cnnctl.serving.codec import decode_request
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
 from cnnctl.serving.preprocess import decode_images
@@ -227,15 +227,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model.metrics.request()
         try:
-            decoded = decode_request(request, model.manifest, self.shm)
-            if decoded.images is not None:
-                x = await asyncio.get_running_loop().run_in_executor(
-                    self._preprocess, decode_images, decoded.images, model.manifest.image,
-                    model.manifest.input.name)
-            else:
-                x = decoded.tensor
+            x = model.codec.tensor(request)
+            output_view = None
+            if x is None:  # anything but the common case: full checks, images, shared memory
+                decoded = decode_request(request, model.manifest, self.shm)
+                output_view = decoded.output_view
+                if decoded.images is not None:
+                    x = await asyncio.get_running_loop().run_in_executor(
+                        self._preprocess, decode_images, decoded.images, model.manifest.image,
+                        model.manifest.input.name)
+                else:
+                    x = decoded.tensor
             y = await model.infer(x, deadline)
-            response = encode_response(request, model.manifest, y, decoded.output_view)
+            response = model.codec.response(request, y, output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise
