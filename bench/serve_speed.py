@@ -11,6 +11,8 @@ Comparisons:
      mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`; beside them a
      bare ORT server (`--null --bare-onnx`: reshape, 1-thread ORT on the event loop, answer,
      nothing else), the most any Python server that runs the model per request could reach;
+     the three again with Triton's perf_analyzer as the load generator (b1-pa: the reference
+     servers answer the metadata it asks for first from constants);
   2. batch-1 requests, dynamic batching on vs off (--no-dynamic-batching), lenet5 and cifar-net-v3;
   3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options):
      tensors in the messages, and through POSIX shared memory (Triton's system shared-memory
@@ -192,6 +194,26 @@ async def _reference_server(onnx: str | None) -> None:
             resp.raw_output_contents.append(out)
             return resp
 
+        # What perf_analyzer asks before it sends load, answered from constants so that it can
+        # drive these servers too; none of it is on the ModelInfer path.
+        async def ServerMetadata(self, request: object, context: object) -> object:
+            return pb.ServerMetadataResponse(name="reference", version="0")
+
+        async def ModelMetadata(self, request: object, context: object) -> object:
+            T = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name="lenet5", versions=["1"], platform="onnxruntime_onnx",
+                inputs=[T(name="input", datatype="FP32", shape=[-1, 1, 32, 32])],
+                outputs=[T(name="logits", datatype="FP32", shape=[-1, 10])])
+
+        async def ModelConfig(self, request: object, context: object) -> object:
+            from cnnctl.protos import model_config_pb2 as mc
+
+            config = mc.ModelConfig(name="lenet5", platform="onnxruntime_onnx", max_batch_size=64)
+            config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[1, 32, 32])
+            config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[10])
+            return pb.ModelConfigResponse(config=config)
+
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Reference(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -262,13 +284,19 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int) -
 # ---------------------------------------------------------------- the run
 # Short names for --only: the setups this script can measure.
 SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "b64-shm",
-          "b64-pa", "ort")
+          "b64-pa", "b1-pa", "ort")
 SHM_SETUP = "cnnctl shared memory"  # batch-64 requests whose tensors go through shared memory
 # The batch-64 points again with Triton's perf_analyzer (C++) as the load generator, tensors in the
 # messages and through shared memory (b64-pa; needs libb64-0d and nvidia-cuda-runtime-cu12).
+# And the batch-1 comparison of target 1 (b1-pa): the three servers driven by perf_analyzer, whose
+# C++ client leaves more of the two cores to the server than ours does.
 PA_SETUPS = {"cnnctl, perf_analyzer": ("cnnctl batching on", ()),
              "cnnctl shared memory, perf_analyzer": (SHM_SETUP, (
-                 "--shared-memory", "system", "--output-shared-memory-size", str(64 * 10 * 4)))}
+                 "--shared-memory", "system", "--output-shared-memory-size", str(64 * 10 * 4))),
+             "null server, perf_analyzer": ("null server", ()),
+             "bare ORT server, perf_analyzer": ("bare ORT server", ())}
+B64_PA = ("cnnctl, perf_analyzer", "cnnctl shared memory, perf_analyzer")
+B1_PA = ("null server, perf_analyzer", "bare ORT server, perf_analyzer", "cnnctl, perf_analyzer")
 
 
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
@@ -306,15 +334,18 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         print("starting servers...", flush=True)
         servers = {}
         points = []
-        if "null" in only:
+        if "null" in only or "b1-pa" in only:
             servers[("null server", "lenet5")] = stack.enter_context(ReferenceServer())
+        if "null" in only:
             points += [("null server", "lenet5", 1, c) for c in concurrency]
-        if "bare" in only:
+        if "bare" in only or "b1-pa" in only:
             servers[("bare ORT server", "lenet5")] = stack.enter_context(
                 ReferenceServer(arts["lenet5"] / "model.onnx"))
+        if "bare" in only:
             points += [("bare ORT server", "lenet5", 1, c) for c in concurrency]
+        needs_on = {"b64", "b64-pa", "b1-pa"}
         for short, (setup, model, flags) in cnnctl.items():
-            if short in only or (short == "on-lenet5" and ("b64" in only or "b64-pa" in only)):
+            if short in only or (short == "on-lenet5" and needs_on & set(only)):
                 servers[(setup, model)] = stack.enter_context(CliServer(
                     str(arts[model]), "--device", "cpu", *flags, *server_args))
             if short in only:
@@ -327,7 +358,9 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         if "b64-shm" in only:
             points += [(SHM_SETUP, "lenet5", 64, c) for c in concurrency]
         if "b64-pa" in only:
-            points += [(name, "lenet5", 64, c) for name in PA_SETUPS for c in concurrency]
+            points += [(name, "lenet5", 64, c) for name in B64_PA for c in concurrency]
+        if "b1-pa" in only:
+            points += [(name, "lenet5", 1, c) for name in B1_PA for c in concurrency]
         if "ort" in only:  # the reference, in this process, in the same rounds as the servers
             points += [("in-process ORT", model, batch, 1) for model, batch in (
                 ("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64))]
@@ -425,13 +458,17 @@ def plot(result: dict[str, object], path: Path) -> None:
                yscale="log")
         ax.legend(fontsize=7)
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
-        for setup, color in (("null server", "C0"), ("bare ORT server", "C1"),
-                             ("cnnctl batching on", "C2"), ("cnnctl batching off", "C3")):
+        for setup, color, style in (
+                ("null server", "C0", "-"), ("bare ORT server", "C1", "-"),
+                ("cnnctl batching on", "C2", "-"), ("cnnctl batching off", "C3", "-"),
+                ("null server, perf_analyzer", "C0", "--"),
+                ("bare ORT server, perf_analyzer", "C1", "--"),
+                ("cnnctl, perf_analyzer", "C2", "--")):
             pts = [r for r in result["rows"] if r["setup"] == setup and r["model"] == model  # type: ignore[index, union-attr]
                    and r["request_batch"] == 1]
             if pts:
                 ax.plot([r["img_per_s"] for r in pts], [r["p99_ms"] for r in pts], marker="o",
-                        label=setup, color=color)
+                        label=setup, color=color, ls=style)
                 for r in pts:
                     ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p99_ms"]), fontsize=8)
         ax.set(title=f"{model}, batch-1 requests", xlabel="images/s", ylabel="p99 latency (ms)",
