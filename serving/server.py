@@ -14,6 +14,7 @@ Graceful shutdown, in order (all within grace_s):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -131,6 +132,11 @@ async def serve(config: ServerConfig, announce: bool = True,
                 on_started: Callable[[str], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server, port = await create_server(config)
+    # Everything loaded so far (modules, sessions, protobuf descriptors: ~40k objects) lives as
+    # long as the process; out of the collector's sight, a full collection no longer walks it
+    # (measured: a 23 ms pause of the event loop every few thousand requests before this).
+    gc.collect()
+    gc.freeze()
     metrics_server = None
     if config.metrics_port is not None:
         from prometheus_client import start_http_server
