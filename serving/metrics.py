@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -86,7 +87,7 @@ class ServerMetrics:
         return metrics
 
 
-class ModelMetrics:
+class ModelMetrics(ABC):
     """The metrics of one model version; also the batcher's observer (BatchObserver)."""
 
     def __init__(self, server: ServerMetrics, name: str, version: str) -> None:
@@ -95,24 +96,24 @@ class ModelMetrics:
         self.version = version
 
     # -- the servicer's side
-    def request(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def request(self) -> None: ...
 
-    def succeeded(self, seconds: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def succeeded(self, seconds: float) -> None: ...
 
-    def failed(self, code: str, seconds: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def failed(self, code: str, seconds: float) -> None: ...
 
     # -- the batcher's side
-    def queue_depth(self, depth: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def queue_depth(self, depth: int) -> None: ...
 
-    def queued_for(self, seconds: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def queued_for(self, seconds: float) -> None: ...
 
-    def executed(self, images: int, seconds: float, requests: int = 1) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def executed(self, images: int, seconds: float, requests: int = 1) -> None: ...
 
     # -- ModelStatistics, from the same counters
     def statistics(self) -> pb.ModelStatistics:
