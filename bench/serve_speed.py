@@ -299,12 +299,26 @@ B64_PA = ("cnnctl, perf_analyzer", "cnnctl shared memory, perf_analyzer")
 B1_PA = ("null server, perf_analyzer", "bare ORT server, perf_analyzer", "cnnctl, perf_analyzer")
 
 
+def _git_revision() -> str:
+    """The commit the benchmark ran on, "+dirty" when the working tree differs from it."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + ("+dirty" if dirty else "")
+
+
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             concurrency: tuple[int, ...] = CONCURRENCY,
             server_args: tuple[str, ...] = ()) -> dict[str, object]:
     from cnnctl.serving.testing import CliServer, make_artifact
 
     start_load = os.getloadavg()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
     print("building random-weight artifacts (lenet5, cifar-net-v3)...", flush=True)
     arts = {"lenet5": make_artifact(work / "lenet5", "lenet5"),
@@ -389,12 +403,14 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             runs = sorted(samples[point], key=lambda res: res["img_per_s"])
             median = dict(runs[len(runs) // 2])
             median["rounds_img_per_s"] = [round(res["img_per_s"]) for res in samples[point]]
+            median["rounds_p99_ms"] = [round(res["p99_ms"], 2) for res in samples[point]]
             if "server_cpu_us_per_req" in median:
                 median["rounds_server_cpu_us_per_req"] = [
                     round(res["server_cpu_us_per_req"]) for res in samples[point]]
             record(*point, median)
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": started, "code": _git_revision(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
         "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py "
