@@ -448,6 +448,10 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+# Below each panel: inside, seven lines hide some of the points whichever corner they take.
+LEGEND = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncol": 2}
+
+
 def plot(result: dict[str, object], path: Path) -> None:
     import matplotlib
 
@@ -456,7 +460,7 @@ def plot(result: dict[str, object], path: Path) -> None:
 
     rows = result["rows"]  # type: ignore[index]
     big = [r for r in rows if r["request_batch"] == 64 and r["setup"] != "in-process ORT"]
-    fig, axes = plt.subplots(1, 3 if big else 2, figsize=(16 if big else 11, 4))
+    fig, axes = plt.subplots(1, 3 if big else 2, figsize=(16 if big else 11, 5.5))
     if big:
         ax = axes[2]
         for i, setup in enumerate(dict.fromkeys(r["setup"] for r in big)):
@@ -472,7 +476,7 @@ def plot(result: dict[str, object], path: Path) -> None:
             ax.axvline(0.6 * ref[0]["img_per_s"], color="k", lw=1, ls="--", label="0.6x of it")
         ax.set(title="lenet5, batch-64 requests", xlabel="images/s", ylabel="p99 latency (ms)",
                yscale="log")
-        ax.legend(fontsize=7)
+        ax.legend(**LEGEND)
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
         for setup, color, style in (
                 ("null server", "C0", "-"), ("bare ORT server", "C1", "-"),
@@ -489,7 +493,7 @@ def plot(result: dict[str, object], path: Path) -> None:
                     ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p99_ms"]), fontsize=8)
         ax.set(title=f"{model}, batch-1 requests", xlabel="images/s", ylabel="p99 latency (ms)",
                yscale="log")
-        ax.legend(fontsize=8)
+        ax.legend(**LEGEND)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -506,6 +510,8 @@ def main() -> None:
                    help="extra `cnnctl serve` flag for every cnnctl setup (repeatable), e.g. "
                    "--server-arg=--inline-below-us=100")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON (+ .png)")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="measure nothing: redraw JSON's plot (next to it) and print its table")
     p.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)
     p.add_argument("--server-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--null", action="store_true", help=argparse.SUPPRESS)
@@ -524,6 +530,11 @@ def main() -> None:
         print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
                                            args.seconds, args.warmup, args.server_pid,
                                            args.shm))))
+        return
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        plot(saved, args.replot.with_suffix(".png"))
+        print(table(saved))
         return
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in only if s not in SETUPS]
