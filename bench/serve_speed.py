@@ -319,6 +319,7 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
 
     start_load = os.getloadavg()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    code = _git_revision()  # now: the tree may change while the benchmark runs
     work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
     print("building random-weight artifacts (lenet5, cifar-net-v3)...", flush=True)
     arts = {"lenet5": make_artifact(work / "lenet5", "lenet5"),
@@ -410,7 +411,7 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             record(*point, median)
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "started": started, "code": _git_revision(),
+        "started": started, "code": code,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "gpu": "none (CPUExecutionProvider)"},
         "load_generator": "asyncio grpc client in a separate process (bench/serve_speed.py "
