@@ -533,7 +533,11 @@ def main() -> None:
                                            args.shm))))
         return
     if args.replot:
-        saved = json.loads(args.replot.read_text())
+        try:
+            saved = json.loads(args.replot.read_text())
+            saved["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--replot {args.replot}: not a serve_speed result ({exc})")
         plot(saved, args.replot.with_suffix(".png"))
         print(table(saved))
         return
