@@ -535,9 +535,10 @@ def main() -> None:
     if args.replot:
         try:
             saved = json.loads(args.replot.read_text())
-            saved["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            p.error(f"--replot {args.replot}: not a serve_speed result ({exc})")
+        except (OSError, ValueError) as exc:
+            p.error(f"--replot {args.replot}: {exc}")
+        if not isinstance(saved, dict) or "rows" not in saved:
+            p.error(f"--replot {args.replot}: not a serve_speed result (no 'rows')")
         plot(saved, args.replot.with_suffix(".png"))
         print(table(saved))
         return
