@@ -163,8 +163,16 @@ class OrtModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning worker threads would take the cores the gRPC threads need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # With 2+ threads, ORT's workers spin between the operators of one run (a futex wake per
+        # operator costs more than lenet5's batch-64 convolutions take to split) and stop when the
+        # run ends (force_spinning_stop), so they spin only while the batch computes, never
+        # between batches when the gRPC threads need the cores. Measured side by side on the
+        # 2-core bench VM (perf_analyzer, 3 interleaved rounds, 2026-11-29; docs/serving.md):
+        # lenet5 batch 64 +14% at c8, +7% at c64 over no spinning; cifar-net-v3 batch 1 +13% at
+        # c1. Spinning without the stop took the cores from the loop (lenet5 batch 1 at c64 -9%).
+        # A 1-thread session has no workers to spin.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.log_severity_level = 3
         return ort.InferenceSession(str(path), opts, providers=providers)
 

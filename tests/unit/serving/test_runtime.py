@@ -39,3 +39,19 @@ def test_no_inline_session_for_one_thread_or_a_big_file(artifacts: dict[str, Pat
     np.testing.assert_allclose(big.run(x), reference(x), rtol=1e-4, atol=1e-5)
     one.close()
     big.close()
+
+
+def test_all_core_session_spins_only_during_a_run(artifacts: dict[str, Path]) -> None:
+    d = artifacts["lenet5"]
+    model = OrtModel(d, load_manifest(d), device="cpu", intra_op_threads=2)
+    try:
+        def entry(session: Any, key: str) -> str:
+            return session.get_session_options().get_session_config_entry(key)
+
+        # the 2-thread session's workers spin between the operators of a run, stop when it ends
+        assert entry(model.session, "session.intra_op.allow_spinning") == "1"
+        assert entry(model.session, "session.force_spinning_stop") == "1"
+        # the 1-thread session has no workers: nothing spins
+        assert entry(model._single, "session.intra_op.allow_spinning") == "0"
+    finally:
+        model.close()
