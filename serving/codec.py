@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnctl.errors import NotEnabledError, ShapeError, UsageError
+from cnnctl.errors import CnnctlError, NotEnabledError, ShapeError, UsageError
 from cnnctl.export.manifest import Manifest
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.preprocess import split_bytes_tensor
@@ -63,7 +63,7 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
         if out.name != manifest.output.name:
             raise UsageError(f"unknown output '{out.name}' requested; model '{manifest.name}' has "
                              f"one output, '{manifest.output.name}'")
-        output_shm = _shm_params(out.parameters, f"output '{out.name}'", shm)
+        output_shm = _shm_params(out.parameters, f"output '{out.name}'", shm is not None)
     raw_count = len(request.raw_input_contents)
     if raw_count and raw_count != len(request.inputs):
         raise UsageError(f"raw_input_contents has {raw_count} entries for {len(request.inputs)} "
@@ -72,7 +72,7 @@ def decode_request(request: pb.ModelInferRequest, manifest: Manifest,
     raw: bytes | memoryview | None = request.raw_input_contents[0] if raw_count else None
     if raw is not None and tensor.HasField("contents"):
         raise UsageError(f"input '{spec.name}' has both raw_input_contents and contents; send one")
-    input_shm = _shm_params(tensor.parameters, f"input '{spec.name}'", shm)
+    input_shm = _shm_params(tensor.parameters, f"input '{spec.name}'", shm is not None)
     if input_shm is not None:
         if raw is not None or tensor.HasField("contents"):
             raise UsageError(f"input '{spec.name}' has both a shared-memory region and contents "
@@ -129,12 +129,12 @@ def _output_view(output_shm: tuple[str, int, int] | None, n: int, manifest: Mani
     return shm.view(region, offset, size, tensor=name)[:need]  # type: ignore[union-attr]
 
 
-def _shm_params(params: object, tensor: str,
-                shm: SharedMemoryRegistry | None) -> tuple[str, int, int] | None:
-    """(region, offset, byte_size) when a tensor's parameters put it in shared memory."""
+def _shm_params(params: object, tensor: str, enabled: bool) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when a tensor's parameters put it in shared memory;
+    ``enabled``: the server has the extension on."""
     if SHM_REGION not in params and SHM_SIZE not in params:  # type: ignore[operator]
         return None
-    if shm is None:
+    if not enabled:
         raise NotEnabledError(f"{tensor} names a shared-memory region, but shared memory is off; "
                               f"start cnnctl serve with --allow-shared-memory")
     if SHM_REGION not in params or SHM_SIZE not in params:  # type: ignore[operator]
@@ -157,6 +157,16 @@ def _shm_params(params: object, tensor: str,
 
 _F32 = np.dtype("<f4")
 _CACHE_MAX = 256  # entries per FastCodec cache; beyond it requests are checked field by field
+_SHM_KEYS = {SHM_REGION, SHM_OFFSET, SHM_SIZE}
+
+
+@dataclass(frozen=True)
+class _ShmRequest:
+    """A checked shared-memory request description (FastCodec.shm_tensor)."""
+    shape: tuple[int, ...]
+    input: tuple[str, int, int]  # region, offset, byte size
+    output: tuple[str, int, int] | None  # None: the output goes in the message
+    output_bytes: int  # of the output, for shape[0] images
 
 
 def fast_tensor(request: pb.ModelInferRequest, manifest: Manifest) -> np.ndarray | None:
@@ -205,6 +215,11 @@ class FastCodec:
         # (input description, requested outputs), serialized -> (shape, raw byte length)
         self._checked: dict[tuple[bytes, ...], tuple[tuple[int, ...], int]] = {}
         self._answers: dict[tuple[int, ...], pb.ModelInferResponse] = {}
+        # the same for descriptions that put the tensors in shared memory -> _ShmRequest
+        self._checked_shm: dict[tuple[bytes, ...], _ShmRequest] = {}
+        self._shm_answers: dict[tuple[tuple[int, ...], bytes], pb.ModelInferResponse] = {}
+        self._input = f"input '{manifest.input.name}'"  # names in messages, as decode_request's
+        self._output = f"output '{manifest.output.name}'"
 
     def tensor(self, request: pb.ModelInferRequest) -> np.ndarray | None:
         """As fast_tensor."""
@@ -229,11 +244,71 @@ class FastCodec:
             return None
         return np.ndarray(known[0], _F32, raw)
 
+    def shm_tensor(self, request: pb.ModelInferRequest,
+                   shm: SharedMemoryRegistry | None) -> DecodedInput | None:
+        """The common shared-memory request: one FP32 input read from a registered region and at
+        most one output, in the message or written to a region; None for anything else, which
+        decode_request then checks in full. Like tensor(), the description is checked once and
+        remembered by its bytes; the regions are looked up on every request (SharedMemoryRegistry
+        .view: registered still, and the object not truncated since), as decode_request does."""
+        if shm is None or request.raw_input_contents:
+            return None
+        inputs = request.inputs
+        outputs = request.outputs
+        if len(inputs) != 1 or len(outputs) > 1:
+            return None
+        key = (inputs[0].SerializeToString(), *(o.SerializeToString() for o in outputs))
+        known = self._checked_shm.get(key)
+        if known is None:
+            known = self._check_shm(inputs[0], outputs)
+            if known is None:
+                return None
+            if len(self._checked_shm) < _CACHE_MAX:
+                self._checked_shm[key] = known
+        region, offset, size = known.input
+        tensor = np.ndarray(known.shape, _F32, shm.view(region, offset, size, self._input))
+        if known.output is None:
+            return DecodedInput(tensor=tensor)
+        region, offset, size = known.output
+        view = shm.view(region, offset, size, self._output)[:known.output_bytes]
+        return DecodedInput(tensor=tensor, output_view=view)
+
+    def _check_shm(self, tensor: pb.ModelInferRequest.InferInputTensor,
+                   outputs: object) -> _ShmRequest | None:
+        man = self.manifest
+        if (tensor.datatype != "FP32" or tensor.name != man.input.name
+                or tensor.HasField("contents") or not set(tensor.parameters) <= _SHM_KEYS):
+            return None
+        shape = tuple(tensor.shape)
+        expected = man.input.shape
+        if len(shape) != len(expected) or shape[0] < 1 or list(shape[1:]) != expected[1:]:
+            return None
+        try:
+            where = _shm_params(tensor.parameters, self._input, True)
+        except CnnctlError:
+            return None  # decode_request says what is wrong
+        if where is None or where[2] != 4 * math.prod(shape):
+            return None
+        out_where, out_bytes = None, 0
+        for out in outputs:  # type: ignore[attr-defined]
+            if out.name != man.output.name or not set(out.parameters) <= _SHM_KEYS:
+                return None
+            try:
+                out_where = _shm_params(out.parameters, self._output, True)
+            except CnnctlError:
+                return None
+            out_bytes = shape[0] * math.prod(man.output.shape[1:]) * 4
+            if out_where is not None and out_where[2] < out_bytes:
+                return None
+        return _ShmRequest(shape, where, out_where, out_bytes)
+
     def response(self, request: pb.ModelInferRequest, output: np.ndarray,
                  output_view: memoryview | None = None) -> pb.ModelInferResponse:
         """As encode_response."""
-        if output_view is not None or output.dtype != _F32 or not output.flags.c_contiguous:
+        if output.dtype != _F32 or not output.flags.c_contiguous:
             return encode_response(request, self.manifest, output, output_view)
+        if output_view is not None:
+            return self._shm_response(request, output, output_view)
         template = self._answers.get(output.shape)
         if template is None:
             man = self.manifest
@@ -248,6 +323,30 @@ class FastCodec:
         if rid:
             response.id = rid
         response.raw_output_contents[0] = output.tobytes()
+        return response
+
+
+    def _shm_response(self, request: pb.ModelInferRequest, output: np.ndarray,
+                      output_view: memoryview) -> pb.ModelInferResponse:
+        """The answer for an output written to shared memory: copied from a template kept per
+        output shape and requested-output description (the parameters it echoes)."""
+        outputs = request.outputs
+        key = (output.shape, outputs[0].SerializeToString()) if len(outputs) == 1 else None
+        template = self._shm_answers.get(key) if key is not None else None
+        if template is None:
+            response = encode_response(request, self.manifest, output, output_view)
+            if key is not None and len(self._shm_answers) < _CACHE_MAX:
+                template = pb.ModelInferResponse()
+                template.CopyFrom(response)
+                template.ClearField("id")
+                self._shm_answers[key] = template
+            return response
+        output_view[:output.nbytes] = output.reshape(-1).view(np.uint8)
+        response = pb.ModelInferResponse()
+        response.CopyFrom(template)
+        rid = request.id
+        if rid:
+            response.id = rid
         return response
 
 

@@ -229,8 +229,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             x = model.codec.tensor(request)
             output_view = None
-            if x is None:  # anything but the common case: full checks, images, shared memory
-                decoded = decode_request(request, model.manifest, self.shm)
+            if x is None:  # the common shared-memory case, else full checks (images, errors...)
+                decoded = (model.codec.shm_tensor(request, self.shm)
+                           or decode_request(request, model.manifest, self.shm))
                 output_view = decoded.output_view
                 if decoded.images is not None:
                     x = await asyncio.get_running_loop().run_in_executor(
