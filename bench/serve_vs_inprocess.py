@@ -48,6 +48,7 @@ def main() -> None:
               "perf_analyzer, shared memory")
     pairs: dict[str, list[tuple[float, float]]] = {}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    code = s._git_revision()  # now: the tree may change while the run goes on
     load_start = os.getloadavg()
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(CliServer(str(art), "--device", "cpu",
@@ -77,7 +78,7 @@ def main() -> None:
                      "median_img_per_s": statistics.median(a for a, _ in got),
                      "median_reference": statistics.median(b for _, b in got)})
     result = {"started": started, "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "code": s._git_revision(), "machine": f"{platform.processor() or platform.machine()},"
+              "code": code, "machine": f"{platform.processor() or platform.machine()},"
               f" {os.cpu_count()} cores", "load_average_at_start": load_start,
               "load_average_at_end": os.getloadavg(), "seconds_per_point": args.seconds,
               "rounds": args.rounds, "rows": rows}
