@@ -325,7 +325,6 @@ class FastCodec:
         response.raw_output_contents[0] = output.tobytes()
         return response
 
-
     def _shm_response(self, request: pb.ModelInferRequest, output: np.ndarray,
                       output_view: memoryview) -> pb.ModelInferResponse:
         """The answer for an output written to shared memory: copied from a template kept per

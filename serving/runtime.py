@@ -163,8 +163,8 @@ class OrtModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # With 2+ threads, ORT's workers spin between the operators of one run (a futex wake per
-        # operator costs more than lenet5's batch-64 convolutions take to split) and stop when the
+        # With 2+ threads, ORT's workers spin between the operators of one run (so each
+        # operator's share reaches the second thread without a kernel wake-up) and stop when the
         # run ends (force_spinning_stop), so they spin only while the batch computes, never
         # between batches when the gRPC threads need the cores. Measured side by side on the
         # 2-core bench VM (perf_analyzer, 3 interleaved rounds, 2026-11-29; docs/serving.md):
