@@ -258,16 +258,17 @@ def ort_inprocess(path: Path, shape: list[int], seconds: float) -> dict[str, flo
 
 
 def _ort_session(path: str | Path, threads: int, options: str = "serve") -> Any:
-    """A CPU session with `threads` intra-op threads: as `cnnctl serve` makes them
-    (serving/runtime.py: workers spin only during a run), or with ORT's spinning defaults."""
+    """A CPU session with `threads` intra-op threads: the one `cnnctl serve` makes
+    (serving/runtime.py: workers spin only during a run), or one with ORT's own defaults."""
+    if options == "serve":
+        from cnnctl.serving.runtime import CPU, new_session
+
+        return new_session(Path(path), [CPU], threads)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    if options == "serve":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -157,7 +157,7 @@ def _shm_params(params: object, tensor: str, enabled: bool) -> tuple[str, int, i
 
 _F32 = np.dtype("<f4")
 _CACHE_MAX = 256  # entries per FastCodec cache; beyond it requests are checked field by field
-_SHM_KEYS = {SHM_REGION, SHM_OFFSET, SHM_SIZE}
+_SHM_KEYS = frozenset((SHM_REGION, SHM_OFFSET, SHM_SIZE))
 
 
 @dataclass(frozen=True)
@@ -184,18 +184,20 @@ def fast_tensor(request: pb.ModelInferRequest, manifest: Manifest) -> np.ndarray
 
 
 def _common_shape(tensor: pb.ModelInferRequest.InferInputTensor, outputs: object,
-                  manifest: Manifest) -> tuple[int, ...] | None:
-    """The input's shape when its description and the requested outputs are the common case."""
+                  manifest: Manifest,
+                  params: frozenset[str] = frozenset()) -> tuple[int, ...] | None:
+    """The input's shape when its description and the requested outputs are the common case;
+    ``params``: the parameter keys they may carry (none: the tensors travel in the message)."""
     spec = manifest.input
-    if (tensor.datatype != "FP32" or tensor.name != spec.name or tensor.parameters
-            or tensor.HasField("contents")):  # parameters: shared memory, for one
+    if (tensor.datatype != "FP32" or tensor.name != spec.name or tensor.HasField("contents")
+            or not set(tensor.parameters) <= params):
         return None
     shape = tuple(tensor.shape)
     expected = spec.shape
     if len(shape) != len(expected) or shape[0] < 1 or list(shape[1:]) != expected[1:]:
         return None
     for out in outputs:  # type: ignore[attr-defined]
-        if out.name != manifest.output.name or out.parameters:
+        if out.name != manifest.output.name or not set(out.parameters) <= params:
             return None
     return shape
 
@@ -255,7 +257,8 @@ class FastCodec:
             return None
         inputs = request.inputs
         outputs = request.outputs
-        if len(inputs) != 1 or len(outputs) > 1:
+        # no parameters, no shared memory: decline before serializing (typed contents can be big)
+        if len(inputs) != 1 or len(outputs) > 1 or not inputs[0].parameters:
             return None
         key = (inputs[0].SerializeToString(), *(o.SerializeToString() for o in outputs))
         known = self._checked_shm.get(key)
@@ -275,31 +278,20 @@ class FastCodec:
 
     def _check_shm(self, tensor: pb.ModelInferRequest.InferInputTensor,
                    outputs: object) -> _ShmRequest | None:
-        man = self.manifest
-        if (tensor.datatype != "FP32" or tensor.name != man.input.name
-                or tensor.HasField("contents") or not set(tensor.parameters) <= _SHM_KEYS):
+        shape = _common_shape(tensor, outputs, self.manifest, _SHM_KEYS)
+        if shape is None:
             return None
-        shape = tuple(tensor.shape)
-        expected = man.input.shape
-        if len(shape) != len(expected) or shape[0] < 1 or list(shape[1:]) != expected[1:]:
-            return None
-        try:
+        out_bytes = shape[0] * math.prod(self.manifest.output.shape[1:]) * 4
+        try:  # a malformed description: decode_request says what is wrong
             where = _shm_params(tensor.parameters, self._input, True)
-        except CnnctlError:
-            return None  # decode_request says what is wrong
-        if where is None or where[2] != 4 * math.prod(shape):
-            return None
-        out_where, out_bytes = None, 0
-        for out in outputs:  # type: ignore[attr-defined]
-            if out.name != man.output.name or not set(out.parameters) <= _SHM_KEYS:
-                return None
-            try:
+            out_where = None
+            for out in outputs:  # type: ignore[attr-defined]  (one at most: shm_tensor)
                 out_where = _shm_params(out.parameters, self._output, True)
-            except CnnctlError:
-                return None
-            out_bytes = shape[0] * math.prod(man.output.shape[1:]) * 4
-            if out_where is not None and out_where[2] < out_bytes:
-                return None
+        except CnnctlError:
+            return None
+        if (where is None or where[2] != 4 * math.prod(shape)
+                or (out_where is not None and out_where[2] < out_bytes)):
+            return None
         return _ShmRequest(shape, where, out_where, out_bytes)
 
     def response(self, request: pb.ModelInferRequest, output: np.ndarray,

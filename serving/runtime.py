@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,29 @@ INLINE_SESSION_MAX_BYTES = 16 << 20
 PARALLEL_FROM_S = 500e-6
 
 
+def new_session(path: Path, providers: list[str], threads: int) -> Any:
+    """An ORT session as `cnnctl serve` runs them (bench/serve_speed.py times the same one)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # With 2+ threads, ORT's workers spin between the operators of one run (so each
+    # operator's share reaches the second thread without a kernel wake-up) and stop when the
+    # run ends (force_spinning_stop), so they spin only while the batch computes, never
+    # between batches when the gRPC threads need the cores. Measured side by side on the
+    # 2-core bench VM (perf_analyzer, 3 interleaved rounds, 2026-11-29; docs/serving.md):
+    # lenet5 batch 64 +14% at c8, +7% at c64 over no spinning; cifar-net-v3 batch 1 +13% at
+    # c1. Spinning without the stop took the cores from the loop (lenet5 batch 1 at c64 -9%).
+    # A 1-thread session has no workers to spin.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     provider: str
@@ -140,14 +164,14 @@ class OrtModel:
         threads = intra_op_threads or max(1, cores // max(1, instances))
         providers = [CUDA, CPU] if provider == CUDA else [CPU]
         path = artifact_dir / entry.path
-        self.session = self._session(ort, path, providers, threads)
+        self.session = new_session(path, providers, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self._single = self.session
         self._parallel_from = 1  # images: batches this large use self.session
         if (provider == CPU and threads > 1
                 and path.stat().st_size <= INLINE_SESSION_MAX_BYTES):
-            self._single = self._session(ort, path, providers, 1)
+            self._single = new_session(path, providers, 1)
             self._parallel_from = self._calibrate(manifest)
         self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads,
                                 self._single is not self.session, self._parallel_from)
@@ -155,26 +179,6 @@ class OrtModel:
         self._ort = ort
         self.executor = ThreadPoolExecutor(max_workers=max(1, instances),
                                            thread_name_prefix=f"ort-{manifest.name}")
-
-    @staticmethod
-    def _session(ort, path: Path, providers: list[str], threads: int):  # type: ignore[no-untyped-def]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # With 2+ threads, ORT's workers spin between the operators of one run (so each
-        # operator's share reaches the second thread without a kernel wake-up) and stop when the
-        # run ends (force_spinning_stop), so they spin only while the batch computes, never
-        # between batches when the gRPC threads need the cores. Measured side by side on the
-        # 2-core bench VM (perf_analyzer, 3 interleaved rounds, 2026-11-29; docs/serving.md):
-        # lenet5 batch 64 +14% at c8, +7% at c64 over no spinning; cifar-net-v3 batch 1 +13% at
-        # c1. Spinning without the stop took the cores from the loop (lenet5 batch 1 at c64 -9%).
-        # A 1-thread session has no workers to spin.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        opts.log_severity_level = 3
-        return ort.InferenceSession(str(path), opts, providers=providers)
 
     def _calibrate(self, manifest: Manifest) -> int:
         """The batch size from which the all-core session is used: where one thread would take
