@@ -194,6 +194,12 @@ async def _reference_server(onnx: str | None) -> None:
             resp.raw_output_contents.append(out)
             return resp
 
+        async def ModelStreamInfer(self, request_iterator: Any, context: object) -> Any:
+            # One request at a time, each answered before the next is read: nothing here waits.
+            async for request in request_iterator:
+                yield pb.ModelStreamInferResponse(
+                    infer_response=await self.ModelInfer(request, context))
+
         # What perf_analyzer asks before it sends load, answered from constants so that it can
         # drive these servers too; none of it is on the ModelInfer path.
         async def ServerMetadata(self, request: object, context: object) -> object:

@@ -203,11 +203,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await answers.put(answer)
 
         async def read() -> None:
-            tasks = set()
-            try:
+            waiting: set[asyncio.Task[None]] = set()  # requests not answered yet, and only those:
+            try:  # a long stream would otherwise keep every request's finished task
                 async for req in request_iterator:
-                    tasks.add(asyncio.create_task(one(req)))
-                await asyncio.gather(*tasks)
+                    task = asyncio.create_task(one(req))
+                    waiting.add(task)
+                    task.add_done_callback(waiting.discard)
+                await asyncio.gather(*waiting)
             finally:
                 await answers.put(None)
 

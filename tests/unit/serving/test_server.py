@@ -329,6 +329,37 @@ def test_stream_infer_answers_each_request(artifacts: dict[str, Path], reference
     run(main())
 
 
+def test_stream_keeps_no_finished_request(artifacts: dict[str, Path]) -> None:
+    """A long-lived stream holds on to the requests it has not answered, not to every one."""
+    import gc
+
+    async def main() -> None:
+        async with running(config_for(artifacts["lenet5"])) as (_, ch):
+            x = np.zeros((1, 1, 32, 32), dtype=np.float32)
+            done = asyncio.Event()
+
+            async def requests() -> Any:
+                for i in range(200):
+                    yield infer_request(x, rid=str(i))
+                await done.wait()  # the stream stays open while we look
+
+            def finished_tasks() -> int:
+                gc.collect()
+                return sum(type(o) is asyncio.Task and o.done() for o in gc.get_objects())
+
+            before = finished_tasks()
+            call = stub(ch).ModelStreamInfer(requests())
+            for _ in range(200):
+                answer = await call.read()
+                assert not answer.error_message
+            kept = finished_tasks() - before
+            done.set()
+            assert kept < 10, f"{kept} finished tasks kept by an open stream of 200 requests"
+            assert await call.read() == grpc.aio.EOF
+
+    run(main())
+
+
 def test_unimplemented_triton_rpc(artifacts: dict[str, Path]) -> None:
     async def main() -> None:
         async with running(config_for(artifacts["lenet5"])) as (_, ch):
