@@ -5,7 +5,7 @@
 Every measurement is a closed loop: C concurrent requests in flight from an asyncio gRPC client
 in a separate process (this script, `--load` mode), each sending its next request when the last
 one is answered. The client sends pre-serialised ModelInferRequest bytes and does not parse the
-answers (the first is checked), so it spends as little of the shared CPU as Python allows.
+answers (the first is checked; a stream's answers are, for their error message), so it spends as little of the shared CPU as Python allows.
 Comparisons:
   1. lenet5, batch-1 requests: a do-nothing KServe v2 server built from the same stubs (`--null`
      mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`; beside them a
@@ -17,6 +17,9 @@ Comparisons:
   3. lenet5, batch-64 requests vs in-process ONNX Runtime at batch 64 (same session options):
      tensors in the messages, and through POSIX shared memory (Triton's system shared-memory
      extension, `cnnctl serve --allow-shared-memory`), where a 256 KB input crosses no socket.
+  4. (stream, stream-pa) the lenet5 batch-1 servers of 1. and the shared-memory batch-64 point of
+     3. again with every request a message on a ModelStreamInfer stream, one stream per client
+     connection (ours and perf_analyzer --streaming): gRPC's per-call cost paid once per stream.
 Every server stays up and the points are measured round-robin --rounds times (median kept), the
 in-process reference included, so that drifting load from other processes on the shared CPUs hits
 every setup alike.
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve_speed.json"
 CONCURRENCY = (1, 8, 64)
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 # ---------------------------------------------------------------- load generator (its own process)
@@ -56,10 +60,12 @@ def _cpu_seconds(pid: int) -> float:
 
 async def _load(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
                 warmup: float, server_pid: int | None = None,
-                shm: bool = False) -> dict[str, float]:
+                shm: bool = False, stream: bool = False) -> dict[str, float]:
     """``shm``: pass the tensors through POSIX shared memory (Triton's system shared-memory
     extension) instead of the messages: one input region all requests read, and an output slot
-    per in-flight request."""
+    per in-flight request. ``stream``: each of the ``concurrency`` workers sends its requests
+    over a ModelStreamInfer stream of its own, one at a time (as perf_analyzer --streaming),
+    instead of one ModelInfer call each."""
     import grpc
 
     from cnnctl.protos import grpc_service_pb2 as pb
@@ -87,6 +93,7 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
         call = channel.unary_unary(INFER)  # bytes in, bytes out
         first = pb.ModelInferResponse.FromString(await call(payloads[0], timeout=30))
         assert list(first.outputs[0].shape) == [shape[0], 10], first
+        open_stream = channel.stream_stream(STREAM_INFER)
         latencies: list[float] = []
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -104,13 +111,22 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
             cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
 
         async def worker(payload: bytes) -> None:
+            if stream:
+                answers = open_stream()
             for _ in range(10_000_000):  # bounded; the clock ends it
                 t0 = loop.time()
                 if t0 >= end:
-                    return
-                await call(payload, timeout=30)
+                    break
+                if stream:
+                    await answers.write(payload)
+                    answer = pb.ModelStreamInferResponse.FromString(await answers.read())
+                    assert not answer.error_message, answer.error_message
+                else:
+                    await call(payload, timeout=30)
                 if t0 >= measure_from:
                     latencies.append(loop.time() - t0)
+            if stream:
+                await answers.done_writing()
 
         probes = [server_cpu()] if server_pid else []
         await asyncio.gather(*(worker(p) for p in payloads), *probes)
@@ -150,12 +166,13 @@ async def _shm_setup(stack: contextlib.AsyncExitStack, channel: Any, x: np.ndarr
 
 def measure(address: str, model: str, shape: list[int], concurrency: int, seconds: float,
             warmup: float = 1.0, server_pid: int | None = None,
-            shm: bool = False) -> dict[str, float]:
+            shm: bool = False, stream: bool = False) -> dict[str, float]:
     pid = ["--server-pid", str(server_pid)] if server_pid else []
     out = subprocess.run(
         [sys.executable, __file__, "--load", address, "--model", model, "--shape",
          ",".join(map(str, shape)), "--concurrency", str(concurrency), "--seconds", str(seconds),
-         "--warmup", str(warmup), *pid, *(["--shm"] if shm else [])], capture_output=True,
+         "--warmup", str(warmup), *pid, *(["--shm"] if shm else []),
+         *(["--stream"] if stream else [])], capture_output=True,
         text=True, timeout=seconds + warmup + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -300,19 +317,29 @@ def _ort_inprocess(path: Path, shape: list[int], seconds: float, threads: int,
 # ---------------------------------------------------------------- the run
 # Short names for --only: the setups this script can measure.
 SETUPS = ("null", "bare", "on-lenet5", "off-lenet5", "on-cifar", "off-cifar", "b64", "b64-shm",
-          "b64-pa", "b1-pa", "ort")
+          "b64-pa", "b1-pa", "stream", "stream-pa", "ort")
 SHM_SETUP = "cnnctl shared memory"  # batch-64 requests whose tensors go through shared memory
 # The batch-64 points again with Triton's perf_analyzer (C++) as the load generator, tensors in the
 # messages and through shared memory (b64-pa; needs libb64-0d and nvidia-cuda-runtime-cu12).
 # And the batch-1 comparison of target 1 (b1-pa): the three servers driven by perf_analyzer, whose
 # C++ client leaves more of the two cores to the server than ours does.
+PA_SHM = ("--shared-memory", "system", "--output-shared-memory-size", str(64 * 10 * 4))
 PA_SETUPS = {"cnnctl, perf_analyzer": ("cnnctl batching on", ()),
-             "cnnctl shared memory, perf_analyzer": (SHM_SETUP, (
-                 "--shared-memory", "system", "--output-shared-memory-size", str(64 * 10 * 4))),
+             "cnnctl shared memory, perf_analyzer": (SHM_SETUP, PA_SHM),
              "null server, perf_analyzer": ("null server", ()),
              "bare ORT server, perf_analyzer": ("bare ORT server", ())}
 B64_PA = ("cnnctl, perf_analyzer", "cnnctl shared memory, perf_analyzer")
 B1_PA = ("null server, perf_analyzer", "bare ORT server, perf_analyzer", "cnnctl, perf_analyzer")
+# The same requests over ModelStreamInfer (stream, stream-pa): each client connection keeps a
+# stream open and sends its next request when the last is answered, so the per-call cost of
+# gRPC (a new HTTP/2 stream, its headers and trailers) is paid once per connection, not per
+# request. Ours: setup -> the server it loads; perf_analyzer's with --streaming.
+STREAMING = {"null server, streaming": "null server",
+             "bare ORT server, streaming": "bare ORT server",
+             "cnnctl batching on, streaming": "cnnctl batching on",
+             "cnnctl shared memory, streaming": SHM_SETUP}
+for _name, (_target, _flags) in list(PA_SETUPS.items()):
+    PA_SETUPS[f"{_name} streaming"] = (_target, (*_flags, "--streaming"))
 
 
 def _git_revision() -> str:
@@ -365,16 +392,17 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
         print("starting servers...", flush=True)
         servers = {}
         points = []
-        if "null" in only or "b1-pa" in only:
+        streams = {"stream", "stream-pa"} & set(only)
+        if "null" in only or "b1-pa" in only or streams:
             servers[("null server", "lenet5")] = stack.enter_context(ReferenceServer())
         if "null" in only:
             points += [("null server", "lenet5", 1, c) for c in concurrency]
-        if "bare" in only or "b1-pa" in only:
+        if "bare" in only or "b1-pa" in only or streams:
             servers[("bare ORT server", "lenet5")] = stack.enter_context(
                 ReferenceServer(arts["lenet5"] / "model.onnx"))
         if "bare" in only:
             points += [("bare ORT server", "lenet5", 1, c) for c in concurrency]
-        needs_on = {"b64", "b64-pa", "b1-pa"}
+        needs_on = {"b64", "b64-pa", "b1-pa", "stream", "stream-pa"}
         for short, (setup, model, flags) in cnnctl.items():
             if short in only or (short == "on-lenet5" and needs_on & set(only)):
                 servers[(setup, model)] = stack.enter_context(CliServer(
@@ -383,7 +411,7 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                 points += [(setup, model, 1, c) for c in concurrency]
         if "b64" in only:
             points += [("cnnctl batching on", "lenet5", 64, c) for c in concurrency]
-        if "b64-shm" in only or "b64-pa" in only:
+        if "b64-shm" in only or "b64-pa" in only or streams:
             servers[(SHM_SETUP, "lenet5")] = stack.enter_context(CliServer(
                 str(arts["lenet5"]), "--device", "cpu", "--allow-shared-memory", *server_args))
         if "b64-shm" in only:
@@ -392,6 +420,12 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             points += [(name, "lenet5", 64, c) for name in B64_PA for c in concurrency]
         if "b1-pa" in only:
             points += [(name, "lenet5", 1, c) for name in B1_PA for c in concurrency]
+        if "stream" in only:
+            points += [(name, "lenet5", 64 if target == SHM_SETUP else 1, c)
+                       for name, target in STREAMING.items() for c in concurrency]
+        if "stream-pa" in only:
+            points += [(f"{name} streaming", "lenet5", 64 if name in B64_PA[1:] else 1, c)
+                       for name in (*B1_PA, *B64_PA[1:]) for c in concurrency]
         if "ort" in only:  # the reference, in this process, in the same rounds as the servers
             points += [("in-process ORT", model, batch, 1) for model, batch in (
                 ("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64))]
@@ -410,9 +444,11 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
                     if res is None:
                         continue  # no stable measurement: this round is left out
                 else:
-                    server = servers[(setup, model)]
+                    target = STREAMING.get(setup, setup)
+                    server = servers[(target, model)]
                     res = measure(server.address, model, [batch, *shapes[model]], c, seconds,
-                                  server_pid=server.proc.pid, shm=setup == SHM_SETUP)
+                                  server_pid=server.proc.pid, shm=target == SHM_SETUP,
+                                  stream=setup in STREAMING)
                 samples[point].append(res)
         for point in points:
             if not samples[point]:
@@ -500,7 +536,12 @@ def plot(result: dict[str, object], path: Path) -> None:
                 ("cnnctl batching on", "C2", "-"), ("cnnctl batching off", "C3", "-"),
                 ("null server, perf_analyzer", "C0", "--"),
                 ("bare ORT server, perf_analyzer", "C1", "--"),
-                ("cnnctl, perf_analyzer", "C2", "--")):
+                ("cnnctl, perf_analyzer", "C2", "--"),
+                ("null server, streaming", "C0", ":"), ("bare ORT server, streaming", "C1", ":"),
+                ("cnnctl batching on, streaming", "C2", ":"),
+                ("null server, perf_analyzer streaming", "C0", "-."),
+                ("bare ORT server, perf_analyzer streaming", "C1", "-."),
+                ("cnnctl, perf_analyzer streaming", "C2", "-.")):
             pts = [r for r in result["rows"] if r["setup"] == setup and r["model"] == model  # type: ignore[index, union-attr]
                    and r["request_batch"] == 1]
             if pts:
@@ -538,6 +579,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--shm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.null:
         asyncio.run(_reference_server(args.bare_onnx))
@@ -546,7 +588,7 @@ def main() -> None:
         shape = [int(s) for s in args.shape.split(",")]
         print(json.dumps(asyncio.run(_load(args.load, args.model, shape, args.concurrency,
                                            args.seconds, args.warmup, args.server_pid,
-                                           args.shm))))
+                                           args.shm, args.stream))))
         return
     if args.replot:
         try:

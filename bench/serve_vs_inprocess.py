@@ -5,7 +5,9 @@ serve_speed.py measures the reference once per round, ~1-2 minutes away from som
 points it is compared with; on a VM whose speed drifts by 1.5x within minutes that moment decides
 much of a ratio. Here every point (one load generator, one concurrency) gets its own reference,
 measured just before it, and the ratio of that pair is kept: the median over the rounds is the
-result. Points: our client and perf_analyzer, tensors in the messages and through shared memory.
+result. Points: our client and perf_analyzer, tensors in the messages and through shared memory,
+each request a ModelInfer call or (", streaming") a message on a ModelStreamInfer stream per
+client connection (serve_speed.STREAMING says why).
 
     flock /tmp/cnnctl-bench.lock .venv/bin/python bench/serve_vs_inprocess.py --rounds 7
 """
@@ -29,6 +31,11 @@ import serve_speed as s  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve_vs_inprocess.json"
 SHAPE = [64, 1, 32, 32]
+# --setups short name -> the row's name: load generator, where the tensors go, call or stream
+SETUPS = {f"{gen}-{where}{stream}": f"{gen_name}, {where_name}{stream_name}"
+          for stream, stream_name in (("", ""), ("-stream", ", streaming"))
+          for gen, gen_name in (("ours", "ours"), ("pa", "perf_analyzer"))
+          for where, where_name in (("msg", "in the messages"), ("shm", "shared memory"))}
 
 
 def main() -> None:
@@ -36,16 +43,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=2.5, help="measured seconds per point")
     p.add_argument("--levels", default="1,8,64", help="concurrency levels")
+    p.add_argument("--setups", default=",".join(SETUPS),
+                   help=f"comma-separated subset of: {', '.join(SETUPS)}")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     levels = [int(c) for c in args.levels.split(",")]
+    short = [x.strip() for x in args.setups.split(",") if x.strip()]
+    unknown = [x for x in short if x not in SETUPS]
+    if unknown:
+        p.error(f"--setups: unknown setup {unknown[0]!r}; known: {', '.join(SETUPS)}")
+    setups = [SETUPS[x] for x in short]
     from cnnctl.serving.testing import CliServer, make_artifact
 
     work = Path(tempfile.mkdtemp(prefix="cnnctl-bench-"))
     art = make_artifact(work / "lenet5", "lenet5")
-    shm_pa = s.PA_SETUPS["cnnctl shared memory, perf_analyzer"][1]
-    setups = ("ours, in the messages", "ours, shared memory", "perf_analyzer, in the messages",
-              "perf_analyzer, shared memory")
     pairs: dict[str, list[tuple[float, float]]] = {}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     code = s._git_revision()  # now: the tree may change while the run goes on
@@ -58,14 +69,14 @@ def main() -> None:
             for c in levels:
                 for setup in setups:
                     ref = s.ort_inprocess(art / "model.onnx", SHAPE, args.seconds)["img_per_s"]
+                    shm, stream = "shared memory" in setup, setup.endswith("streaming")
                     if setup.startswith("ours"):
                         res = s.measure(server.address, "lenet5", SHAPE, c, args.seconds,
-                                        server_pid=server.proc.pid,
-                                        shm=setup.endswith("shared memory"))
+                                        server_pid=server.proc.pid, shm=shm, stream=stream)
                     else:
-                        flags = shm_pa if setup.endswith("shared memory") else ()
+                        flags = (*(s.PA_SHM if shm else ()), *(["--streaming"] if stream else []))
                         res = s._perf_analyzer(server.address, "lenet5", 64, c, args.seconds,
-                                               flags)
+                                               tuple(flags))
                     if res is None:  # perf_analyzer found no stable window: no pair this round
                         continue
                     pairs.setdefault(f"{setup}|{c}", []).append((res["img_per_s"], ref))
