@@ -9,7 +9,9 @@ client CPU per call than grpc.aio). Higher levels are C coroutines over one grpc
 where one thread keeps many calls in flight. Each level has a channel of its own, runs
 ``warmup_s`` unmeasured, then ``duration_s`` measured: a request counts when it starts inside the
 measured window; throughput is those answers over the window. Every level stops at its time or at
-``max_requests``, whichever comes first.
+``max_requests``, whichever comes first. With ``streaming`` each client sends its requests over a
+ModelStreamInfer stream of its own (as ``perf_analyzer --streaming``), at every level, instead of
+one ModelInfer call per request.
 
 ``run_in_process`` times a plain ONNX Runtime session on the artifact's ONNX file in this process:
 what the model costs with no network, no queue and no protocol - the ceiling the server approaches.
@@ -18,6 +20,7 @@ what the model costs with no network, no queue and no protocol - the ceiling the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -52,11 +55,12 @@ class BenchConfig:
     server_name: str | None = None
     preprocess: str = "server"  # with images_dir: encoded images or client-side tensors
     seed: int = 0
+    streaming: bool = False  # each client sends over a ModelStreamInfer stream of its own
 
 
 @dataclass(frozen=True)
 class BenchRow:
-    mode: str  # grpc | in-process
+    mode: str  # grpc | grpc-stream | in-process
     concurrency: int
     batch: int
     requests: int  # answered inside the measured window
@@ -129,13 +133,17 @@ async def _level(client: Any, pool: list[Any], concurrency: int, config: BenchCo
         # request on the client at concurrency 1): the whole level has one watchdog below.
         nonlocal sent
         i = k
+        stream = client.open_stream() if config.streaming else None
         while sent < config.max_requests:
             began = loop.time()
             if began >= end:
-                return
+                break
             sent += 1
             try:
-                await client.infer_serialized(pool[i % len(pool)], timeout=None)
+                if stream is not None:
+                    await stream.send(pool[i % len(pool)])
+                else:
+                    await client.infer_serialized(pool[i % len(pool)], timeout=None)
                 ok = True
             except ClientError as exc:
                 errors[exc.code.name] += 1
@@ -146,6 +154,9 @@ async def _level(client: Any, pool: list[Any], concurrency: int, config: BenchCo
             if ok and began >= measure_from:
                 latencies.append(loop.time() - began)
             i += concurrency
+        if stream is not None:
+            with contextlib.suppress(ClientError):  # a broken stream: its errors are counted
+                await stream.close()
 
     bar = _progress(config.warmup_s + config.duration_s, f"concurrency {concurrency:>3}",
                     config.progress)
@@ -166,7 +177,8 @@ async def _level(client: Any, pool: list[Any], concurrency: int, config: BenchCo
         tick.cancel()
         bar.close()
     window = min(config.duration_s, max(1e-9, loop.time() - measure_from))
-    return summarize("grpc", concurrency, config.batch, latencies, errors, window)
+    return summarize("grpc-stream" if config.streaming else "grpc", concurrency, config.batch,
+                     latencies, errors, window)
 
 
 def _show(bar: Any, now: float, start: float, end: float, measure_from: float, answered: int,
@@ -249,7 +261,7 @@ def run_grpc(config: BenchConfig) -> list[BenchRow]:
 
     rows = []
     for level in config.levels:
-        if level == 1:
+        if level == 1 and not config.streaming:
             with Client(config.server, **options) as one:
                 one.server_live()
                 rows.append(_level_blocking(one, pool, config))
@@ -328,7 +340,7 @@ def plot(rows: list[BenchRow], path: str | os.PathLike[str], title: str = "") ->
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    grpc_rows = [r for r in rows if r.mode == "grpc"]
+    grpc_rows = [r for r in rows if r.mode.startswith("grpc")]
     local = [r for r in rows if r.mode == "in-process"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if grpc_rows:

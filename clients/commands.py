@@ -107,6 +107,8 @@ def _concurrency_list(value: str) -> list[int]:
               "client-side float tensors.")
 @click.option("--max-requests", type=click.IntRange(min=1), default=1_000_000,
               show_default=True, help="Stop a level after this many requests, whatever the time.")
+@click.option("--streaming", is_flag=True, help="Each client sends its requests over a "
+              "ModelStreamInfer stream of its own instead of one call per request.")
 @click.option("--in-process", "artifact_dir", type=click.Path(file_okay=False), default=None,
               help="Also time ONNX Runtime on this artifact's ONNX file in-process (the ceiling).")
 @click.option("--grpc/--no-grpc", "use_grpc", default=True, show_default=True,
@@ -120,7 +122,7 @@ def _concurrency_list(value: str) -> list[int]:
 @_tls_options
 def bench(server: str, model: str | None, version: str, concurrency: str, duration: float,
           warmup: float, batch: int, images_dir: str | None, preprocess: str,
-          max_requests: int,
+          max_requests: int, streaming: bool,
           artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
           plot: str | None, progress: bool, tls: bool, root_certs: str | None,
           server_name: str | None) -> None:
@@ -136,7 +138,8 @@ def bench(server: str, model: str | None, version: str, concurrency: str, durati
         server=server, model=model or "", version=version, levels=tuple(levels),
         duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
         max_requests=max_requests, progress=progress and not as_json, tls=tls,
-        root_certificates=root_certs, server_name=server_name, preprocess=preprocess)
+        root_certificates=root_certs, server_name=server_name, preprocess=preprocess,
+        streaming=streaming)
     rows = b.run_grpc(config) if use_grpc else []
     if artifact_dir:
         rows += b.run_in_process(artifact_dir, config)

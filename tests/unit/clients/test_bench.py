@@ -49,6 +49,18 @@ def test_cli_json_images_in_process_and_plot(server: ServerThread, artifact: Pat
     assert plot.stat().st_size > 10_000
 
 
+def test_streaming_levels(server: ServerThread) -> None:
+    """--streaming: every level, concurrency 1 included, over streams; the server answered each."""
+    result = CliRunner().invoke(bench, [
+        "--server", server.address, "--model", "lenet5", "--concurrency", "1,3", "--streaming",
+        "--duration", "0.3", "--warmup", "0", "--batch", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["results"]
+    assert [(r["mode"], r["concurrency"], r["errors"]) for r in rows] == [
+        ("grpc-stream", 1, 0), ("grpc-stream", 3, 0)]
+    assert all(r["requests"] > 0 for r in rows)
+
+
 def test_bad_concurrency_names_the_value() -> None:
     result = CliRunner().invoke(bench, ["--model", "m", "--concurrency", "1,x"])
     assert result.exit_code == 2

@@ -236,6 +236,38 @@ def test_serialized_fast_path_answers_and_errors_typed(server: ServerThread) -> 
     asyncio.run(main())
 
 
+def test_stream_answers_in_order_and_survives_a_bad_request(server: ServerThread,
+                                                             reference: Any) -> None:
+    """``InferStream`` (cnnctl bench --streaming): answers equal to in-process ORT, one after
+    another; a bad request raises with the server's message and the stream goes on."""
+    from cnnctl.clients import protocol
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as c:
+            info = await c.model_info("lenet5")
+            rng = np.random.default_rng(3)
+            xs = [rng.standard_normal((n, 1, 32, 32), dtype=np.float32) for n in (1, 3, 2)]
+            bad = protocol.tensor_request(info, np.zeros((1, 1, 28, 28), np.float32))
+            stream = c.open_stream()
+            for i, x in enumerate(xs):
+                req = protocol.tensor_request(info, x)
+                req.id = str(i)
+                answer = await stream.send(req.SerializeToString())
+                assert answer.id == str(i)
+                np.testing.assert_allclose(protocol.logits_of(answer, info), reference(x),
+                                           rtol=1e-5, atol=1e-5)
+                if i == 0:
+                    with pytest.raises(errors.ServerError) as exc:
+                        await stream.send(bad.SerializeToString())
+                    assert exc.value.code is grpc.StatusCode.UNKNOWN
+                    assert str(exc.value) == (
+                        "input 'input': shape [1, 1, 28, 28] does not match the model's "
+                        "[-1, 1, 32, 32] (-1: any batch size from 1)")
+            await stream.close()
+
+    asyncio.run(main())
+
+
 def test_deadline_and_queue_full(artifact: Path) -> None:
     # A 300 ms batching window: a lone request waits in the queue long enough to time out, and a
     # one-place queue is full while it waits.
