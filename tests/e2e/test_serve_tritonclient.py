@@ -116,3 +116,24 @@ def test_tritonclient_system_shared_memory(trained_artifact: Path, tmp_path: Pat
     assert got["errors"]["output_too_small"] == [
         "StatusCode.INVALID_ARGUMENT",
         "output 'logits': shared_memory_byte_size 8 is too small; 4 x [10] FP32 needs 160"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient is not installed")
+def test_tritonclient_stream(trained_artifact: Path, tmp_path: Path) -> None:
+    """tritonclient's start_stream / async_stream_infer: every request of the stream answered
+    with its id and in-process ONNX Runtime's logits; a bad one answered with its error while
+    the stream goes on."""
+    manifest, x, expected = probe_input(trained_artifact, tmp_path, 3, seed=2)
+    with CliServer(str(trained_artifact)) as server:
+        done = subprocess.run([sys.executable, str(PROBE), server.address, manifest.name,
+                               str(tmp_path / "x.npy"), "stream"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert sorted(got["logits"]) == ["row-0", "row-1", "row-2"]
+    for i in range(3):
+        logits = np.frombuffer(base64.b64decode(got["logits"][f"row-{i}"]), dtype="<f4")
+        np.testing.assert_allclose(logits.reshape(1, 10), expected[i:i + 1], rtol=1e-5, atol=1e-5)
+    assert got["errors"] == ["input 'input': shape [1, 1, 28, 28] does not match the model's "
+                             "[-1, 1, 32, 32] (-1: any batch size from 1)"]

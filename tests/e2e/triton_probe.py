@@ -2,7 +2,7 @@
 
 A helper for tests/e2e/test_serve_tritonclient.py, run as a subprocess: tritonclient's stubs and
 cnnctl's define the same protobuf names and cannot share one Python process.
-Usage: python triton_probe.py URL MODEL INPUT.npy [infer|shm]
+Usage: python triton_probe.py URL MODEL INPUT.npy [infer|shm|stream]
 """
 
 from __future__ import annotations
@@ -88,6 +88,35 @@ def shared_memory(url: str, model: str, input_path: str) -> None:
     }))
 
 
+def stream(url: str, model: str, input_path: str) -> None:
+    """ModelStreamInfer through tritonclient: one request per row of the input, then one of the
+    wrong shape, on one stream; the answers as the callback got them."""
+    import queue
+
+    x = np.load(input_path).astype("<f4")
+    answers: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(len(x)):
+        inp = tg.InferInput("input", [1, *x.shape[1:]], "FP32")
+        inp.set_data_from_numpy(x[i:i + 1])
+        client.async_stream_infer(model, [inp], request_id=f"row-{i}")
+    bad = tg.InferInput("input", [1, 1, 28, 28], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 1, 28, 28), "<f4"))
+    client.async_stream_infer(model, [bad], request_id="bad")
+    got, errors = {}, []
+    for _ in range(len(x) + 1):
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            errors.append(error.message())
+        else:
+            logits = result.as_numpy("logits")
+            got[result.get_response().id] = base64.b64encode(logits.tobytes()).decode()
+    client.stop_stream()
+    client.close()
+    print(json.dumps({"logits": got, "errors": errors}))
+
+
 if __name__ == "__main__":
-    {"infer": main, "shm": shared_memory}[sys.argv[4] if len(sys.argv) > 4 else "infer"](
+    {"infer": main, "shm": shared_memory, "stream": stream}[sys.argv[4] if len(sys.argv) > 4 else "infer"](
         *sys.argv[1:4])
