@@ -510,6 +510,7 @@ def plot(result: dict[str, object], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["rows"]  # type: ignore[index]
     big = [r for r in rows if r["request_batch"] == 64 and r["setup"] != "in-process ORT"]
@@ -529,6 +530,8 @@ def plot(result: dict[str, object], path: Path) -> None:
             ax.axvline(0.6 * ref[0]["img_per_s"], color="k", lw=1, ls="--", label="0.6x of it")
         ax.set(title="lenet5, batch-64 requests", xlabel="images/s", ylabel="p99 latency (ms)",
                yscale="log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v / 1000:.0f}k"))
         ax.legend(**LEGEND)
     for ax, model in zip(axes, ("lenet5", "cifar-net-v3")):
         for setup, color, style in (
