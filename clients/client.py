@@ -470,8 +470,13 @@ class InferStream:
             answer = await self._call.read()
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):  # it ended before this request
+            answer = grpc.aio.EOF
         if answer is grpc.aio.EOF:
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+            code = await self._call.code()
+            if code is grpc.StatusCode.OK:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+            raise error_for(code, await self._call.details())
         message = pb.ModelStreamInferResponse.FromString(answer)
         if message.error_message:
             raise error_for(grpc.StatusCode.UNKNOWN, message.error_message)

@@ -68,7 +68,7 @@ class InferenceServer:
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(min(linger, grace))
-        self.servicer.accepting = False
+        self.servicer.stop_accepting()
         try:
             await asyncio.wait_for(self.servicer.wait_idle(), max(0.0, end - loop.time()))
         except TimeoutError:

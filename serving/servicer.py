@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -31,6 +31,8 @@ SERVER_NAME = "cnnctl"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 PLATFORM = "onnxruntime_onnx"
 _NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
+_STREAM_REFUSED = "the server is shutting down; this stream takes no more requests"
+_END, _STOP = object(), object()  # in a stream's answer queue: all answered; shutting down
 T = TypeVar("T")
 
 
@@ -39,6 +41,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repo = repository
         self.config = config
         self.accepting = True  # False: new inference requests are refused (UNAVAILABLE)
+        self._streams: set[asyncio.Queue[Any]] = set()  # the answer queues of open streams
         self.draining = False  # True from the shutdown signal on: ServerReady says false
         self.active = 0  # inference RPCs being answered
         self._idle = asyncio.Event()
@@ -48,8 +51,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.shm = (SharedMemoryRegistry(config.shm_dir) if config.allow_shared_memory
                     else None)
 
-    def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Refuse new inference requests (UNAVAILABLE); open streams end once the requests
+        they have read are answered."""
         self.accepting = False
+        for answers in self._streams:
+            answers.put_nowait(_STOP)
+
+    def close(self) -> None:
+        self.stop_accepting()
         self._preprocess.shutdown(wait=False)
         if self.shm is not None:
             self.shm.close()
@@ -187,7 +197,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests of one stream are computed concurrently (so they can share batches); each
         # answer carries its request's id, and an error is an answer too, not the stream's end.
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # When the server stops accepting (shutdown), the stream reads no more requests, sends
+        # the answers of those it has read and ends with UNAVAILABLE: a client's open stream must
+        # not hold the shutdown for the whole grace period.
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)
+        answers: asyncio.Queue[Any] = asyncio.Queue()  # answers, then _END; or _STOP
+        # The requests not answered yet, and only those: a long-lived stream would otherwise
+        # keep every request's finished task.
+        waiting: set[asyncio.Task[None]] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
             self._enter()
@@ -200,24 +218,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
             finally:
                 self._leave()
-            await answers.put(answer)
+            answers.put_nowait(answer)
 
         async def read() -> None:
-            waiting: set[asyncio.Task[None]] = set()  # requests not answered yet, and only those:
-            try:  # a long stream would otherwise keep every request's finished task
+            try:
                 async for req in request_iterator:
                     task = asyncio.create_task(one(req))
                     waiting.add(task)
                     task.add_done_callback(waiting.discard)
                 await asyncio.gather(*waiting)
             finally:
-                await answers.put(None)
+                answers.put_nowait(_END)
 
         reader = asyncio.create_task(read())
+        self._streams.add(answers)
         try:
-            while (answer := await answers.get()) is not None:
+            while (answer := await answers.get()) is not _END:
+                if answer is _STOP:
+                    break
                 yield answer
+            else:
+                return  # the client is done sending, and every request is answered
+            reader.cancel()  # shutting down: read no more requests ...
+            await asyncio.wait([reader])
+            if waiting:  # ... answer those read ...
+                await asyncio.wait(waiting)
+            while not answers.empty():
+                if isinstance(answer := answers.get_nowait(), pb.ModelStreamInferResponse):
+                    yield answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)  # ... and end
         finally:
+            self._streams.discard(answers)
             reader.cancel()
 
     async def infer(self, request: pb.ModelInferRequest,

@@ -125,3 +125,71 @@ def test_sigterm_under_sustained_load(artifact: Path) -> None:
     # After the signal: answered during the linger, then refused; the last few, still in gRPC's
     # not-yet-dispatched queue when the server finally stops, are cancelled by grpc itself.
     assert set(after) <= {"OK", "UNAVAILABLE", "CANCELLED"}
+
+
+def test_sigterm_under_streaming_load(artifact: Path) -> None:
+    """The same over ModelStreamInfer: each client's stream stays open, one request at a time.
+    Every request sent before the signal is answered; then each stream ends UNAVAILABLE and the
+    server exits well within its grace period, not held by the open streams."""
+    with CliServer(str(artifact), "--grace-s", "30") as server:
+        x = np.ones((4, 1, 32, 32), dtype=np.float32)
+
+        async def main() -> tuple[list[tuple[float, str]], float, list[str]]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                s = stub(channel)
+                await s.ModelInfer(infer_request(x), timeout=30)
+                log: list[tuple[float, str]] = []  # (sent, outcome)
+                ends: list[str] = []  # how each stream ended
+                signalled = float("inf")
+
+                async def loader(k: int) -> None:
+                    outbox: asyncio.Queue[object] = asyncio.Queue()
+
+                    async def requests() -> object:
+                        while (req := await outbox.get()) is not None:
+                            yield req
+
+                    call = s.ModelStreamInfer(requests())
+                    end = time.monotonic() + 10  # bounded in time and count
+                    try:
+                        for i in range(20_000):
+                            if time.monotonic() > end:
+                                break
+                            sent = time.monotonic()
+                            outbox.put_nowait(infer_request(x, rid=f"{k}-{i}"))
+                            answer = await call.read()
+                            if answer is grpc.aio.EOF:
+                                log.append((sent, "EOF"))
+                                break
+                            log.append((sent, "ERROR " + answer.error_message
+                                        if answer.error_message else "OK"))
+                        outbox.put_nowait(None)
+                        await call.read()
+                        ends.append("EOF")
+                    except grpc.aio.AioRpcError as exc:
+                        ends.append(exc.code().name)
+                        if sent >= signalled:
+                            log.append((sent, exc.code().name))
+                        else:
+                            log.append((sent, f"LOST {exc.code().name}"))
+
+                loaders = [asyncio.create_task(loader(k)) for k in range(8)]
+                await asyncio.sleep(1.0)
+                signalled = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.gather(*loaders)
+                return log, signalled, ends
+
+        log, signalled, ends = asyncio.run(main())
+        assert server.proc.wait(timeout=30) == 0, server.output()
+        exited = time.monotonic() - signalled
+    before = [outcome for sent, outcome in log if sent < signalled]
+    after = [outcome for sent, outcome in log if sent >= signalled]
+    print(f"streaming: {len(before)} requests sent before the signal, {before.count('OK')} OK; "
+          f"{len(after)} after, outcomes {sorted(set(after))}; streams ended {sorted(set(ends))};"
+          f" server gone {exited:.1f} s after the signal")
+    assert len(before) > 50
+    assert before == ["OK"] * len(before)
+    assert set(after) <= {"OK", "UNAVAILABLE"}
+    assert ends == ["UNAVAILABLE"] * 8
+    assert exited < 10, "open streams held the shutdown"

@@ -268,6 +268,30 @@ def test_stream_answers_in_order_and_survives_a_bad_request(server: ServerThread
     asyncio.run(main())
 
 
+def test_stream_ended_by_a_shutdown_raises_unavailable(artifact: Path) -> None:
+    """A stream the server ended (shutdown) raises Unavailable with the server's reason on the
+    next send, not an asyncio error."""
+    from cnnctl.clients import protocol
+
+    server = ServerThread(config_for(artifact))
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as c:
+            info = await c.model_info("lenet5")
+            payload = protocol.tensor_request(
+                info, np.zeros((1, 1, 32, 32), np.float32)).SerializeToString()
+            stream = c.open_stream()
+            await stream.send(payload)
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+            with pytest.raises(errors.Unavailable) as exc:
+                await stream.send(payload)
+            assert exc.value.code is grpc.StatusCode.UNAVAILABLE
+            assert str(exc.value) == ("the server is shutting down; this stream takes no more "
+                                      "requests")
+
+    asyncio.run(main())
+
+
 def test_deadline_and_queue_full(artifact: Path) -> None:
     # A 300 ms batching window: a lone request waits in the queue long enough to time out, and a
     # one-place queue is full while it waits.

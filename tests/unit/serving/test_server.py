@@ -360,6 +360,45 @@ def test_stream_keeps_no_finished_request(artifacts: dict[str, Path]) -> None:
     run(main())
 
 
+def test_shutdown_ends_open_streams_once_their_requests_are_answered(
+        artifacts: dict[str, Path]) -> None:
+    """An open stream does not hold the shutdown for the grace period: the requests it has read
+    are answered (here still queued, waiting for batch company), then it ends UNAVAILABLE."""
+    import time
+
+    from cnnctl.serving.server import create_server
+
+    async def main() -> None:
+        server, port = await create_server(config_for(artifacts["lenet5"],
+                                                      max_queue_delay_ms=300))
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            x = np.zeros((1, 1, 32, 32), dtype=np.float32)
+            hold = asyncio.Event()
+
+            async def requests() -> Any:
+                yield infer_request(x, rid="a")
+                yield infer_request(x, rid="b")
+                await hold.wait()  # the client keeps the stream open
+
+            call = stub(ch).ModelStreamInfer(requests())
+            await asyncio.sleep(0.1)  # both read, queued for up to 300 ms
+            start = time.monotonic()
+            stopping = asyncio.create_task(server.stop(grace=20, linger=0))
+            ids = sorted([(await call.read()).infer_response.id for _ in range(2)])
+            assert ids == ["a", "b"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert info.value.details() == ("the server is shutting down; this stream takes no "
+                                            "more requests")
+            await stopping
+            assert time.monotonic() - start < 5, "the open stream held the shutdown"
+            hold.set()
+
+    run(main())
+
+
 def test_unimplemented_triton_rpc(artifacts: dict[str, Path]) -> None:
     async def main() -> None:
         async with running(config_for(artifacts["lenet5"])) as (_, ch):
