@@ -226,7 +226,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for req in request_iterator:
                     waiting.add(asyncio.create_task(one(req)))
-                await asyncio.gather(*waiting)
+                if waiting:  # not gather: cancelling this (shutdown) must not cancel them
+                    await asyncio.wait(waiting)
             finally:
                 answers.put_nowait(_END)
 

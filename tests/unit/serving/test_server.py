@@ -360,10 +360,12 @@ def test_stream_keeps_no_finished_request(artifacts: dict[str, Path]) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("client_done_sending", [False, True])
 def test_shutdown_ends_open_streams_once_their_requests_are_answered(
-        artifacts: dict[str, Path]) -> None:
+        artifacts: dict[str, Path], client_done_sending: bool) -> None:
     """An open stream does not hold the shutdown for the grace period: the requests it has read
-    are answered (here still queued, waiting for batch company), then it ends UNAVAILABLE."""
+    are answered (here still queued, waiting for batch company), then it ends UNAVAILABLE -
+    whether or not the client has said it sends no more."""
     import time
 
     from cnnctl.serving.server import create_server
@@ -379,7 +381,8 @@ def test_shutdown_ends_open_streams_once_their_requests_are_answered(
             async def requests() -> Any:
                 yield infer_request(x, rid="a")
                 yield infer_request(x, rid="b")
-                await hold.wait()  # the client keeps the stream open
+                if not client_done_sending:
+                    await hold.wait()  # the client keeps the stream open
 
             call = stub(ch).ModelStreamInfer(requests())
             await asyncio.sleep(0.1)  # both read, queued for up to 300 ms
