@@ -210,7 +210,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             self._enter()
             try:
-                answer = pb.ModelStreamInferResponse(infer_response=await self.infer(req, None))
+                answer = pb.ModelStreamInferResponse(
+                    infer_response=await self.infer(req, None, accepted=True))
             except Exception as exc:  # noqa: BLE001
                 _, message = status_for(exc)
                 answer = pb.ModelStreamInferResponse(
@@ -252,10 +253,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._streams.discard(answers)
             reader.cancel()
 
-    async def infer(self, request: pb.ModelInferRequest,
-                    deadline: float | None) -> pb.ModelInferResponse:
-        """One request, start to end; raises CnnctlError subclasses for the status table."""
-        if not self.accepting:
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None,
+                    accepted: bool = False) -> pb.ModelInferResponse:
+        """One request, start to end; raises CnnctlError subclasses for the status table.
+        ``accepted``: taken in before the server stopped accepting (a stream's request, read
+        before the stream learnt of the shutdown), so computed whatever happens since."""
+        if not accepted and not self.accepting:
             raise UnavailableError("the server is shutting down; not accepting new requests")
         model = self.repo.get(request.model_name, request.model_version)
         start = time.perf_counter()

@@ -167,11 +167,14 @@ def test_sigterm_under_streaming_load(artifact: Path) -> None:
                         await call.read()
                         ends.append("EOF")
                     except grpc.aio.AioRpcError as exc:
-                        ends.append(exc.code().name)
-                        if sent >= signalled:
-                            log.append((sent, exc.code().name))
-                        else:
-                            log.append((sent, f"LOST {exc.code().name}"))
+                        # grpc's client, not the server: a stream the server ends while the
+                        # client is writing its next request may read "Internal error from
+                        # Core" (INTERNAL) instead of the status the server sent.
+                        end = exc.code().name
+                        if end == "INTERNAL" and exc.details() == "Internal error from Core":
+                            end = "INTERNAL from the client's core"
+                        ends.append(end)
+                        log.append((sent, end if sent >= signalled else f"LOST {end}"))
 
                 loaders = [asyncio.create_task(loader(k)) for k in range(8)]
                 await asyncio.sleep(1.0)
@@ -190,6 +193,7 @@ def test_sigterm_under_streaming_load(artifact: Path) -> None:
           f" server gone {exited:.1f} s after the signal")
     assert len(before) > 50
     assert before == ["OK"] * len(before)
-    assert set(after) <= {"OK", "UNAVAILABLE"}
-    assert ends == ["UNAVAILABLE"] * 8
+    ended = {"UNAVAILABLE", "INTERNAL from the client's core"}
+    assert set(after) <= {"OK"} | ended
+    assert len(ends) == 8 and set(ends) <= ended
     assert exited < 10, "open streams held the shutdown"
