@@ -458,7 +458,9 @@ class InferStream:
 
     A failed request does not end the stream: the server answers it with an error message, which
     KServe v2 sends without a status code, so it raises ``ServerError`` (code UNKNOWN) with the
-    server's message; a failure of the stream itself raises the class of its status code."""
+    server's message; a failure of the stream itself raises the class of its status code (when
+    the server ends a stream while this client is writing to it, grpc's client core may report
+    INTERNAL "Internal error from Core" instead of the server's status)."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
