@@ -42,6 +42,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.config = config
         self.accepting = True  # False: new inference requests are refused (UNAVAILABLE)
         self._streams: set[asyncio.Queue[Any]] = set()  # the answer queues of open streams
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
         self.draining = False  # True from the shutdown signal on: ServerReady says false
         self.active = 0  # inference RPCs being answered
         self._idle = asyncio.Event()
@@ -67,6 +69,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def wait_idle(self) -> None:
         """Until no inference RPC is being answered."""
         await self._idle.wait()
+
+    async def wait_streams_closed(self) -> None:
+        """Until no ModelStreamInfer stream is open."""
+        await self._no_streams.wait()
 
     def _enter(self) -> None:
         self.active += 1
@@ -234,6 +240,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         self._streams.add(answers)
+        self._no_streams.clear()
         try:
             while (answer := await answers.get()) is not _END:
                 if answer is _STOP:
@@ -251,6 +258,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)  # ... and end
         finally:
             self._streams.discard(answers)
+            if not self._streams:
+                self._no_streams.set()
             reader.cancel()
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None,

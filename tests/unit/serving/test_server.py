@@ -402,6 +402,29 @@ def test_shutdown_ends_open_streams_once_their_requests_are_answered(
     run(main())
 
 
+def test_shutdown_gives_grpc_only_a_flush_once_everything_is_answered(
+        artifacts: dict[str, Path]) -> None:
+    """Once every request taken in is answered, gRPC gets FLUSH_S to send the last answers, not
+    the rest of the grace period (a call gRPC never dispatched would hold it that long)."""
+    from cnnctl.serving import server as server_module
+
+    async def main() -> None:
+        server, _ = await server_module.create_server(config_for(artifacts["lenet5"]))
+        await server.start()
+        graces: list[float] = []
+        stop = server.grpc_server.stop
+
+        async def recording_stop(grace: float | None) -> None:
+            graces.append(grace)  # type: ignore[arg-type]
+            await stop(grace)
+
+        server.grpc_server.stop = recording_stop  # type: ignore[method-assign]
+        await server.stop(grace=60, linger=0)
+        assert graces == [server_module.FLUSH_S]
+
+    run(main())
+
+
 def test_unimplemented_triton_rpc(artifacts: dict[str, Path]) -> None:
     async def main() -> None:
         async with running(config_for(artifacts["lenet5"])) as (_, ch):
