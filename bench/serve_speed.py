@@ -5,7 +5,8 @@
 Every measurement is a closed loop: C concurrent requests in flight from an asyncio gRPC client
 in a separate process (this script, `--load` mode), each sending its next request when the last
 one is answered. The client sends pre-serialised ModelInferRequest bytes and does not parse the
-answers (the first is checked; a stream's answers are, for their error message), so it spends as little of the shared CPU as Python allows.
+answers (the first is checked; a stream's are, for their error message), so it spends as little
+of the shared CPU as Python allows.
 Comparisons:
   1. lenet5, batch-1 requests: a do-nothing KServe v2 server built from the same stubs (`--null`
      mode: it answers ModelInfer with zeros of the right shape) vs `cnnctl serve`; beside them a
@@ -328,7 +329,8 @@ PA_SETUPS = {"cnnctl, perf_analyzer": ("cnnctl batching on", ()),
              "cnnctl shared memory, perf_analyzer": (SHM_SETUP, PA_SHM),
              "null server, perf_analyzer": ("null server", ()),
              "bare ORT server, perf_analyzer": ("bare ORT server", ())}
-B64_PA = ("cnnctl, perf_analyzer", "cnnctl shared memory, perf_analyzer")
+PA_SHM_SETUP = "cnnctl shared memory, perf_analyzer"
+B64_PA = ("cnnctl, perf_analyzer", PA_SHM_SETUP)
 B1_PA = ("null server, perf_analyzer", "bare ORT server, perf_analyzer", "cnnctl, perf_analyzer")
 # The same requests over ModelStreamInfer (stream, stream-pa): each client connection keeps a
 # stream open and sends its next request when the last is answered, so the per-call cost of
@@ -424,8 +426,9 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             points += [(name, "lenet5", 64 if target == SHM_SETUP else 1, c)
                        for name, target in STREAMING.items() for c in concurrency]
         if "stream-pa" in only:
-            points += [(f"{name} streaming", "lenet5", 64 if name in B64_PA[1:] else 1, c)
-                       for name in (*B1_PA, *B64_PA[1:]) for c in concurrency]
+            points += [(f"{name} streaming", "lenet5", batch, c)
+                       for name, batch in (*((n, 1) for n in B1_PA), (PA_SHM_SETUP, 64))
+                       for c in concurrency]
         if "ort" in only:  # the reference, in this process, in the same rounds as the servers
             points += [("in-process ORT", model, batch, 1) for model, batch in (
                 ("lenet5", 64), ("lenet5", 1), ("cifar-net-v3", 1), ("cifar-net-v3", 64))]
