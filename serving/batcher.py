@@ -16,8 +16,8 @@ less than ``inline_below_us`` of CPU (``inline_full_below_us`` for a full batch)
 itself (BatchingConfig says why), and a request that finds the model idle and the queue empty with
 no queue delay, and is that cheap, is computed at once in ``submit`` without suspending its
 caller - unless gathering (BatchingConfig.gather_max_ms) has found that requests keep arriving:
-then it waits while the loop is busy bringing more, and the batch goes when the loop has gone
-idle for a few iterations with no new arrival, when it is full or when gather_max_ms has passed.
+then it waits while new requests keep arriving, and the batch goes when none has come for a
+millisecond, when it is full or when gather_max_ms has passed.
 All state is touched only on the loop.
 """
 
@@ -41,21 +41,27 @@ from cnnctl.serving.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
-# Gathering (BatchingConfig.gather_max_ms): the batch goes after this many loop iterations in a
-# row found the loop idle (no other callback ready) and no new request. While gathering does not
-# pay, one request that could gather does so now and then (a probe), to notice when load returns;
-# a probe that gathers _GATHER_ON_IMAGES turns it on for every such request, and it stays on while
-# its batches average (a moving average) at least _GATHER_MIN_IMAGES. Measured on lenet5 batch-1
-# requests: batches of ~4 (concurrency 8) gained nothing, of 10-25 (concurrency 64) 15-50%. A
-# probe under light load makes the requests of its moment wait for one another (~2 ms at
-# concurrency 8: with a probe every 100 ms, 5% of the requests, p99 6.5 -> 8.6 ms), so the wait
-# between probes doubles after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S,
-# and starts again from _GATHER_PROBE_S when gathering turns off.
-_GATHER_QUIET_TICKS = 4
+# Gathering (BatchingConfig.gather_max_ms): the batch goes once no new request has arrived for
+# _GATHER_QUIET_S. A timer, not a count of loop iterations: a loop that polls every iteration
+# (call_soon) never sleeps, and so waiting "a few idle iterations" lasted a few microseconds and
+# found no company (measured 2026-11-29 on the AVX-512 VM: 1.0-1.2 images per execution at
+# concurrency 8 and 64, so gathering never turned on); a timer lets the loop wait in its selector,
+# where new calls wake it. (While the loop waits there, epoll's 1 ms resolution rounds the wait
+# up to 1 ms.) While gathering does not pay, one request that could gather does so now and then (a
+# probe), to notice when load returns; a probe that gathers _GATHER_ON_IMAGES turns it on for
+# every such request, and it stays on while its batches average (a moving average) as many.
+# Gathering pays only when the batch is big enough for what it saves to outweigh the quiet
+# period the loop spends waiting: lenet5 batch-1 requests gained 20-40% at concurrency 32 / 64
+# (batches of 30-55 images) and lost ~25% at concurrency 8, where a gathered batch holds every
+# client's request and each waits out the quiet period. A probe under light load makes the
+# requests of its moment wait for one another (~1-3 ms), so the wait between probes doubles
+# after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S (at concurrency 8, 8
+# requests of every ~2,300 each 0.8 s), and starts again from _GATHER_PROBE_S when gathering
+# turns off.
+_GATHER_QUIET_S = 0.001
 _GATHER_ON_IMAGES = 16
-_GATHER_MIN_IMAGES = 8.0
 _GATHER_PROBE_S = 0.1
-_GATHER_PROBE_MAX_S = 3.2
+_GATHER_PROBE_MAX_S = 0.8
 
 
 class BatchObserver(Protocol):
@@ -112,10 +118,9 @@ class Batcher:
         self._inline_full_s = config.inline_full_below_us / 1e6
         self._cost: dict[int, float] = {}  # batch size -> moving average of its CPU seconds
         self._gather_s = config.gather_max_ms / 1000.0 if config.enabled else 0.0
-        self._gathering = False  # a _gather_tick chain is waiting for the queue to stop growing
+        self._gathering = False  # a _gather_timer is waiting for the queue to stop growing
         self._gather_until = 0.0  # loop.time(): gather_max_ms, or an earlier deadline, passes
-        self._gather_seen = 0  # queue length at the last tick
-        self._quiet = 0  # idle ticks in a row with no new request
+        self._last_arrival = 0.0  # loop.time() of the newest request while gathering
         self._gather_avg = 0.0  # moving average of the images per gathered batch
         self._gather_on = False  # the average says gathering pays: every such request gathers
         self._next_probe = 0.0  # loop.time() of the next probe while gathering does not pay
@@ -157,13 +162,15 @@ class Batcher:
         if gather:
             self._gathering = True
             self._gather_until = now + self._gather_s
-            self._gather_seen = 0
-            self._quiet = 0
-            loop.call_soon(self._gather_tick)
+        self._last_arrival = now
         if self._gathering and deadline is not None:
-            # Gathering never spends more than half of a request's time left.
+            # Gathering never spends more than half of a request's time left (a request that
+            # joins with a shorter deadline than the first's is answered up to _GATHER_QUIET_S
+            # later than that: when the timer next looks).
             self._gather_until = min(self._gather_until,
                                      pending.enqueued + (deadline - pending.enqueued) / 2)
+        if gather:
+            loop.call_at(min(now + _GATHER_QUIET_S, self._gather_until), self._gather_timer)
         self._queue.append(pending)
         self._queued_images += pending.n
         self._idle.clear()
@@ -195,24 +202,16 @@ class Batcher:
             return True
         return False
 
-    def _gather_tick(self) -> None:
-        """Once per loop iteration while gathering: send the batch once the loop has been idle
-        for a few iterations with no new request, or it is full, or time is up."""
+    def _gather_timer(self) -> None:
+        """While gathering: send the batch once no request has arrived for _GATHER_QUIET_S, or
+        gather_max_ms (or half a deadline) has passed; else wait for the later of the two."""
         if not self._gathering:
-            return  # it filled up and went (_schedule)
+            return  # it filled up and went (_schedule), or the server is closing
         loop = self._loop
         assert loop is not None
-        n = len(self._queue)
-        if n > self._gather_seen:
-            self._gather_seen = n
-            self._quiet = 0
-        elif not getattr(loop, "_ready", None):
-            # Nothing else ready to run: the loop is idle. (asyncio's loop keeps its ready
-            # callbacks in ``_ready``; on a loop without it every tick counts as idle.)
-            self._quiet += 1
-        if (self._quiet < _GATHER_QUIET_TICKS and not self._closing
-                and loop.time() < self._gather_until):
-            loop.call_soon(self._gather_tick)
+        due = min(self._last_arrival + _GATHER_QUIET_S, self._gather_until)
+        if loop.time() < due and not self._closing:
+            loop.call_at(due, self._gather_timer)
             return
         self._end_gather()
         self._dispatch(gathered=True)
@@ -223,7 +222,7 @@ class Batcher:
         now = self._loop.time()  # type: ignore[union-attr]
         if self._gather_on:  # the moving average decides when to stop
             self._gather_avg = 0.9 * self._gather_avg + 0.1 * images
-            if self._gather_avg < _GATHER_MIN_IMAGES:
+            if self._gather_avg < _GATHER_ON_IMAGES:
                 self._gather_on = False
                 self._probe_wait = _GATHER_PROBE_S
                 self._next_probe = now + self._probe_wait

@@ -44,15 +44,15 @@ class BatchingConfig:
     inline_full_below_us: float = 2000.0
     # Gathering under load (ms; 0 = off). With no queue delay, a cheap request that finds the
     # model idle is computed at once on the loop, so a small model never batched: nothing ever
-    # queued behind a run. Gathering lets such a request wait instead while the event loop keeps
-    # bringing new requests, and sends the batch when the loop has gone idle for a few
-    # iterations with no new arrival (nothing more is coming), when it is full, or after this
-    # long (or at half the earliest deadline in it). It is used only while it pays (batcher.py):
-    # a probe (0.1 s after the last, the wait doubling up to 3.2 s while they fail) turns it on
-    # when it gathers 16+ images, and it stays on while its batches average 8+, so light load (a
-    # lone client, or concurrency 8: at most 8 images) barely ever waits. Measured on lenet5
-    # batch-1 requests at concurrency 64 (docs/serving.md): batches of 17-20 images and +10-45%
-    # throughput; at 20 ms +15-39%, with p99 up by a few more ms, hence 10.
+    # queued behind a run. Gathering lets such a request wait instead while new requests keep
+    # arriving, and sends the batch when none has arrived for 1 ms (nothing more is coming), when
+    # it is full, or after this long (or at half the earliest deadline in it). It is used only
+    # while it pays (batcher.py): a probe (0.1 s after the last, the wait doubling up to 0.8 s
+    # while they fail) turns it on when it gathers 16+ images, and it stays on while its batches
+    # average 16+, so light load (a lone client, or concurrency 8: at most 8 images) barely ever
+    # waits. Measured on lenet5 batch-1 requests at concurrency 64 (docs/serving.md): batches of
+    # 17-20 images and +10-45% throughput (2026-11-23); at 20 ms +15-39%, with p99 up by a few
+    # more ms, hence 10.
     gather_max_ms: float = 10.0
 
 

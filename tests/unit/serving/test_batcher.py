@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnnctl.errors import DeadlineExceededError, OverloadedError, UnavailableError
+from cnnctl.serving import batcher
 from cnnctl.serving.batcher import Batcher
 from cnnctl.serving.config import BatchingConfig
 
@@ -281,12 +282,6 @@ def test_cancelled_request_is_skipped() -> None:
     run(main())
 
 
-async def _busy_loop(stop: asyncio.Event) -> None:
-    """Keeps the event loop busy (a callback ready in every iteration), as gRPC traffic does."""
-    while not stop.is_set():
-        await asyncio.sleep(0)
-
-
 def test_gathering_batches_cheap_requests_that_keep_arriving_under_load() -> None:
     """A cheap request to an idle model waits while the loop keeps bringing new ones (a probe,
     then on for all once the probe gathered 16+), instead of running alone on the loop."""
@@ -335,27 +330,65 @@ def test_gathering_stays_off_for_a_lone_client() -> None:
     assert run(main()) == ["answered", "loop ran"]
 
 
-def test_gathering_stops_at_gather_max_ms_and_half_a_deadline() -> None:
+def test_gathering_stops_at_gather_max_ms_and_half_a_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No quiet period ends it (the probe would otherwise go 1 ms after its arrival, alone):
+    # only time does.
+    monkeypatch.setattr(batcher, "_GATHER_QUIET_S", 10.0)
+
     async def main(deadline_s: float | None) -> float:
         b = Batcher("m", FakeModel(), BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
                                                      gather_max_ms=60))
         b.start()
         await b.submit(rows(1, 1.0))
-        stop = asyncio.Event()
-        busy = asyncio.create_task(_busy_loop(stop))  # never idle: only time ends the gathering
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = None if deadline_s is None else start + deadline_s
         out = await b.submit(rows(1, 2.0), deadline=deadline)  # the first probe: it gathers
         waited = loop.time() - start
         np.testing.assert_allclose(out, [[16.0]])
-        stop.set()
-        await busy
         await b.drain()
         return waited
 
     assert 0.055 <= run(main(None)) < 0.5  # gather_max_ms
     assert 0.015 <= run(main(0.04)) < 0.035  # half of the 40 ms left, answered in time
+
+
+def test_gathering_waits_in_the_selector_for_calls_from_another_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC hands new calls to the loop from its own thread, while the loop sleeps in its
+    selector: requests arriving 0.2 ms apart that way are gathered (a loop polling for idle
+    iterations instead found none of them: batches of one). The quiet period is raised from
+    1 ms here so that a busy test machine, which may hold either thread back for over a
+    millisecond, does not end the batch early."""
+    monkeypatch.setattr(batcher, "_GATHER_QUIET_S", 0.05)
+
+    async def main() -> list[int]:
+        model = FakeModel()
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6))
+        b.start()
+        await b.submit(rows(1, 1.0))  # measures batch 1 in the pool: now it is "cheap"
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[np.ndarray]] = []
+
+        def arrive(i: int) -> None:
+            futures.append(asyncio.ensure_future(b.submit(rows(1, float(i)))))
+
+        def grpc_thread() -> None:
+            for i in range(30):
+                loop.call_soon_threadsafe(arrive, i)
+                time.sleep(0.0002)
+
+        await loop.run_in_executor(None, grpc_thread)
+        while len(futures) < 30:
+            await asyncio.sleep(0)
+        for i, out in enumerate(await asyncio.gather(*futures)):
+            np.testing.assert_allclose(out, [[i * 4 * 2]])
+        await b.drain()
+        return model.batches[1:]
+
+    batches = run(main())
+    assert sum(batches) == 30 and max(batches) >= 15, batches
 
 
 def test_gathering_is_off_with_gather_max_ms_0_and_without_batching() -> None:
