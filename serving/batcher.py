@@ -44,19 +44,19 @@ log = logging.getLogger(__name__)
 # Gathering (BatchingConfig.gather_max_ms): the batch goes once no new request has arrived for
 # _GATHER_QUIET_S. A timer, not a count of loop iterations: a loop that polls every iteration
 # (call_soon) never sleeps, and so waiting "a few idle iterations" lasted a few microseconds and
-# found no company (measured 2026-11-29 on the AVX-512 VM: 1.0-1.2 images per execution at
-# concurrency 8 and 64, so gathering never turned on); a timer lets the loop wait in its selector,
+# found no company (measured 2026-11-29 on the AVX-512 VM: 1.0 images per execution at
+# concurrency 8 and 1.2-3.0 at 64, so gathering never turned on); a timer lets the loop wait in its selector,
 # where new calls wake it. (While the loop waits there, epoll's 1 ms resolution rounds the wait
 # up to 1 ms.) While gathering does not pay, one request that could gather does so now and then (a
 # probe), to notice when load returns; a probe that gathers _GATHER_ON_IMAGES turns it on for
 # every such request, and it stays on while its batches average (a moving average) as many.
 # Gathering pays only when the batch is big enough for what it saves to outweigh the quiet
-# period the loop spends waiting: lenet5 batch-1 requests gained 20-40% at concurrency 32 / 64
-# (batches of 30-55 images) and lost ~25% at concurrency 8, where a gathered batch holds every
-# client's request and each waits out the quiet period. A probe under light load makes the
+# period the loop spends waiting: lenet5 batch-1 requests gained 31-55% at concurrency 64
+# (batches of 32-58 images) and ~10% at 32, and lost 23-32% at concurrency 8 when on there,
+# where a gathered batch holds every client's request and each waits out the quiet period. A probe under light load makes the
 # requests of its moment wait for one another (~1-3 ms), so the wait between probes doubles
-# after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S (at concurrency 8, 8
-# requests of every ~2,300 each 0.8 s), and starts again from _GATHER_PROBE_S when gathering
+# after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S (at concurrency 8:
+# 8 of the ~2,300 requests in each 0.8 s), and starts again from _GATHER_PROBE_S when gathering
 # turns off.
 _GATHER_QUIET_S = 0.001
 _GATHER_ON_IMAGES = 16
@@ -120,7 +120,7 @@ class Batcher:
         self._gather_s = config.gather_max_ms / 1000.0 if config.enabled else 0.0
         self._gathering = False  # a _gather_timer is waiting for the queue to stop growing
         self._gather_until = 0.0  # loop.time(): gather_max_ms, or an earlier deadline, passes
-        self._last_arrival = 0.0  # loop.time() of the newest request while gathering
+        self._last_arrival = 0.0  # loop.time() of the newest queued request (for gathering)
         self._gather_avg = 0.0  # moving average of the images per gathered batch
         self._gather_on = False  # the average says gathering pays: every such request gathers
         self._next_probe = 0.0  # loop.time() of the next probe while gathering does not pay
