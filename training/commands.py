@@ -143,10 +143,16 @@ def _run(config: Any, resume: str | None) -> None:
     result = run_training(config, callbacks=_echo_callbacks(), resume=resume)
     if not result.history:
         click.echo(f"nothing to do: {result.run_dir} already finished {config.epochs} epochs")
-        return
-    click.echo(f"best val acc {100 * result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
-               f"{result.history[-1].elapsed_s:.1f}s")
-    click.echo(f"best checkpoint: {result.best_path}")
+    else:
+        click.echo(f"best val acc {100 * result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
+                   f"{result.history[-1].elapsed_s:.1f}s")
+        click.echo(f"best checkpoint: {result.best_path}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a worker of the user's own torchrun
+        from cnnctl.training.distributed import leave_worker
+
+        leave_worker(0)
 
 
 def _resume(run_dir: str, nproc: int | None, flags: dict[str, Any]) -> None:

@@ -28,7 +28,8 @@ _WORKER = textwrap.dedent("""
     result = train(config)
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     torch.save(state, os.path.join(out, f"rank{dist.get_rank()}.pt"))
-    dist.destroy_process_group()
+    from cnnctl.training.distributed import leave_worker
+    leave_worker(0)  # destroys the process group; no interpreter teardown (see its docstring)
 """)
 
 
@@ -70,6 +71,20 @@ def test_cli_nproc_launches_torchrun(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stdout
+    assert done.stdout.count("epoch 1:") == 1  # only rank 0 prints
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["world_size"] == 2 and ckpt["model"] == "convnet"
+
+
+@pytest.mark.slow
+def test_cnnctl_train_runs_under_the_users_own_torchrun(tmp_path: Path) -> None:
+    """The documented multi-node form (`torchrun ... -m cnnctl train ...`), here on one node."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "cnnctl", "train", "--model", "convnet",
+                           "--epochs", "1", "--max-steps", "3", "--no-progress", "--no-plot",
+                           "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 1:") == 1  # only rank 0 prints
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["world_size"] == 2 and ckpt["model"] == "convnet"
