@@ -131,6 +131,9 @@ def validate(config: TrainConfig) -> None:
             continue
         if not isinstance(value, int) or value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if config.batch_size % config.nproc:  # checked again in each rank against WORLD_SIZE
+        raise UsageError(f"--batch-size {config.batch_size} (global) must be divisible by "
+                         f"--nproc {config.nproc}")
     if config.min_steps < 0:
         raise UsageError(f"min_steps must be ≥ 0, got {config.min_steps}")
     if config.max_steps_per_epoch is not None and config.max_steps_per_epoch <= 0:

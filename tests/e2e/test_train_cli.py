@@ -77,6 +77,8 @@ def test_text_evaluate_prints_per_class(tmp_path: Path) -> None:
     (["train", "--optimizer", "lbfgs"], "error: unknown optimizer 'lbfgs'; known: sgd, adam, adamw"),
     (["train", "--epochs", "0"], "error: --epochs must be a positive integer, got 0"),
     (["train", "--batch-size", "-1"], "error: --batch-size must be a positive integer, got -1"),
+    (["train", "--nproc", "2", "--batch-size", "3"],  # before torchrun starts: one line, no run dir
+     "error: --batch-size 3 (global) must be divisible by --nproc 2"),
     (["train", "--lr", "-0.1"], "error: --lr must be positive, got -0.1"),
     (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--device", "x"],
      "error: --device cuda: no CUDA device" if not torch.cuda.is_available() else "unknown device"),

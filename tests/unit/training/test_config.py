@@ -33,6 +33,7 @@ def test_config_round_trips_through_a_dict() -> None:
     ({"schedule": "step"}, "unknown schedule 'step'; known: onecycle, cosine, multistep, none"),
     ({"epochs": 0}, "--epochs must be a positive integer, got 0"),
     ({"batch_size": -4}, "--batch-size must be a positive integer, got -4"),
+    ({"batch_size": 3, "nproc": 2}, "--batch-size 3 (global) must be divisible by --nproc 2"),
     ({"lr": 0.0}, "--lr must be positive, got 0.0"),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
     ({"device": "tpu"}, "unknown device 'tpu'; known: auto, cpu, cuda"),
