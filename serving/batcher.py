@@ -44,20 +44,20 @@ log = logging.getLogger(__name__)
 # Gathering (BatchingConfig.gather_max_ms): the batch goes once no new request has arrived for
 # _GATHER_QUIET_S. A timer, not a count of loop iterations: a loop that polls every iteration
 # (call_soon) never sleeps, and so waiting "a few idle iterations" lasted a few microseconds and
-# found no company (measured 2026-11-29 on the AVX-512 VM: 1.0 images per execution at
-# concurrency 8 and 1.2-3.0 at 64, so gathering never turned on); a timer lets the loop wait in its selector,
-# where new calls wake it. (While the loop waits there, epoll's 1 ms resolution rounds the wait
-# up to 1 ms.) While gathering does not pay, one request that could gather does so now and then (a
+# found no company (measured 2026-11-29 on the AVX-512 VM: 1.0 images per execution at concurrency
+# 8 and 1.2-3.0 at 64, so gathering never turned on); a timer lets the loop wait in its selector,
+# where new calls wake it. (While the loop waits there, epoll's 1 ms resolution rounds the wait up
+# to 1 ms.) While gathering does not pay, one request that could gather does so now and then (a
 # probe), to notice when load returns; a probe that gathers _GATHER_ON_IMAGES turns it on for
 # every such request, and it stays on while its batches average (a moving average) as many.
-# Gathering pays only when the batch is big enough for what it saves to outweigh the quiet
-# period the loop spends waiting: lenet5 batch-1 requests gained 31-55% at concurrency 64
-# (batches of 32-58 images) and ~10% at 32, and lost 23-32% at concurrency 8 when on there,
-# where a gathered batch holds every client's request and each waits out the quiet period. A probe under light load makes the
-# requests of its moment wait for one another (~1-3 ms), so the wait between probes doubles
-# after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S (at concurrency 8:
-# 8 of the ~2,300 requests in each 0.8 s), and starts again from _GATHER_PROBE_S when gathering
-# turns off.
+# Gathering pays only when the batch is big enough for what it saves to outweigh the quiet period
+# the loop spends waiting: lenet5 batch-1 requests gained 31-55% at concurrency 64 (batches of
+# 32-58 images) and 14% at 32 (one 3-round run), and lost 23-32% at concurrency 8 when on there,
+# where a gathered batch holds every client's request and each waits out the quiet period. A probe
+# under light load makes the requests of its moment wait for one another (~1-3 ms), so the wait
+# between probes doubles after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S
+# (at concurrency 8: 8 of the ~2,300 requests in each 0.8 s), and starts again from
+# _GATHER_PROBE_S when gathering turns off.
 _GATHER_QUIET_S = 0.001
 _GATHER_ON_IMAGES = 16
 _GATHER_PROBE_S = 0.1

@@ -77,9 +77,10 @@ def leave_worker(code: int) -> NoReturn:
     """End a torchrun worker whose work is done (checkpoints written, output printed) without
     the interpreter's teardown. In ~1 of 16 runs of ``cnnctl train --nproc 2`` on CPU (gloo) a
     rank that had finished and destroyed its process group was killed at exit by a C++
-    std::terminate ("terminate called without an active exception": a native thread still
-    running while the process's static objects were destroyed), so torchrun reported the whole
-    run failed. Leaving with os._exit after flushing what Python holds skips that teardown."""
+    std::terminate ("terminate called without an active exception", what libstdc++ prints when,
+    e.g., a still-running native thread's handle is destroyed; which one was not looked into),
+    so torchrun reported the whole run failed. Leaving with os._exit after flushing what Python
+    holds skips that teardown: 0 failures in 40 runs after, 1 in 17 before."""
     import torch.distributed as dist
 
     if dist.is_initialized():
