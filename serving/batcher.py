@@ -17,7 +17,8 @@ itself (BatchingConfig says why), and a request that finds the model idle and th
 no queue delay, and is that cheap, is computed at once in ``submit`` without suspending its
 caller - unless gathering (BatchingConfig.gather_max_ms) has found that requests keep arriving:
 then it waits while new requests keep arriving, and the batch goes when none has come for a
-millisecond, when it is full or when gather_max_ms has passed.
+millisecond, when every client of a small closed-loop group is back, when it is full or when
+gather_max_ms has passed.
 All state is touched only on the loop.
 """
 
@@ -49,17 +50,29 @@ log = logging.getLogger(__name__)
 # where new calls wake it. (While the loop waits there, epoll's 1 ms resolution rounds the wait up
 # to 1 ms.) While gathering does not pay, one request that could gather does so now and then (a
 # probe), to notice when load returns; a probe that gathers _GATHER_ON_IMAGES turns it on for
-# every such request, and it stays on while its batches average (a moving average) as many.
-# Gathering pays only when the batch is big enough for what it saves to outweigh the quiet period
-# the loop spends waiting: lenet5 batch-1 requests gained 31-55% at concurrency 64 (batches of
-# 32-58 images) and 14% at 32 (one 3-round run), and lost 23-32% at concurrency 8 when on there,
-# where a gathered batch holds every client's request and each waits out the quiet period. A probe
-# under light load makes the requests of its moment wait for one another (~1-3 ms), so the wait
-# between probes doubles after each one that fails, from _GATHER_PROBE_S to _GATHER_PROBE_MAX_S
-# (at concurrency 8: 8 of the ~2,300 requests in each 0.8 s), and starts again from
-# _GATHER_PROBE_S when gathering turns off.
+# every such request, and it stays on while its batches average (a moving average)
+# _GATHER_OFF_IMAGES or more. A probe under light load makes the requests of its moment wait for
+# one another (~1-3 ms), so the wait between probes doubles after each one that fails, from
+# _GATHER_PROBE_S to _GATHER_PROBE_MAX_S, and starts again from _GATHER_PROBE_S when gathering
+# turns off.
+# Everyone back: clients that send their next request when the last is answered (a closed loop:
+# every load generator, and most services calling a model) come back together after a gathered
+# batch, so waiting out the quiet period after the last of them idles the loop for 1 ms each
+# batch. That is what made gathering lose at concurrency 8 (-23% to -32% when on there, every
+# client's request in one batch). So the server counts the requests gathered batches answered
+# whose clients have not sent again (_returning), and while that group is small
+# (_GATHER_ON_IMAGES to _GATHER_BACK_MAX requests) a gathering goes the moment the count reaches
+# 0: everyone is back, no one else is expected. Bigger groups keep the quiet period, which gathers more of them per batch (counting
+# for any group size lost 12-18% at concurrency 64: the clients split into groups of 1-10 that
+# each went alone). A batch that waited out the quiet period, and every _GATHER_RECHECK-th,
+# starts the count again: clients that did not come back are forgotten, new ones counted.
+# Measured side by side on lenet5 batch-1 requests (docs/serving.md, 4 rounds): concurrency 8
+# +9% / +17% (perf_analyzer / ours), 16 +35%; 32 -5%, 64 -3% / -4%.
 _GATHER_QUIET_S = 0.001
-_GATHER_ON_IMAGES = 16
+_GATHER_ON_IMAGES = 6
+_GATHER_OFF_IMAGES = 5
+_GATHER_BACK_MAX = 16
+_GATHER_RECHECK = 16
 _GATHER_PROBE_S = 0.1
 _GATHER_PROBE_MAX_S = 0.8
 
@@ -125,6 +138,12 @@ class Batcher:
         self._gather_on = False  # the average says gathering pays: every such request gathers
         self._next_probe = 0.0  # loop.time() of the next probe while gathering does not pay
         self._probe_wait = _GATHER_PROBE_S  # from one probe to the next
+        self._gather_gen = 0  # which gathering a _gather_timer was set for (a stale one stops)
+        # Requests answered by gathered batches whose clients have not sent again (answered
+        # minus arrived since; a batch that waited out the quiet period starts the count again).
+        self._returning = 0
+        self._until_back = False  # this gathering goes as soon as _returning reaches 0
+        self._back_batches = 0  # batches sent that way since one last waited
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -161,7 +180,13 @@ class Batcher:
         pending = _Pending(inputs, images, loop.create_future(), now, deadline)
         if gather:
             self._gathering = True
+            self._gather_gen += 1
             self._gather_until = now + self._gather_s
+            self._until_back = (self._gather_on
+                                and _GATHER_ON_IMAGES <= self._returning <= _GATHER_BACK_MAX
+                                and self._back_batches < _GATHER_RECHECK)
+        if self._returning:
+            self._returning -= 1
         self._last_arrival = now
         if self._gathering and deadline is not None:
             # Gathering never spends more than half of a request's time left (a request that
@@ -170,10 +195,16 @@ class Batcher:
             self._gather_until = min(self._gather_until,
                                      pending.enqueued + (deadline - pending.enqueued) / 2)
         if gather:
-            loop.call_at(min(now + _GATHER_QUIET_S, self._gather_until), self._gather_timer)
+            loop.call_at(min(now + _GATHER_QUIET_S, self._gather_until), self._gather_timer,
+                         self._gather_gen)
         self._queue.append(pending)
         self._queued_images += pending.n
         self._idle.clear()
+        if self._gathering and self._until_back and self._returning == 0 and self._free > 0:
+            # Everyone the last batches answered is back, no one else is expected: send it now.
+            self._end_gather(waited=False)
+            self._dispatch(gathered=True)
+            return await pending.future
         self._schedule()
         if not self._scheduled:  # else the dispatch, later in this loop iteration, reports it
             self._observer.queue_depth(len(self._queue))
@@ -202,27 +233,39 @@ class Batcher:
             return True
         return False
 
-    def _gather_timer(self) -> None:
+    def _gather_timer(self, gen: int) -> None:
         """While gathering: send the batch once no request has arrived for _GATHER_QUIET_S, or
         gather_max_ms (or half a deadline) has passed; else wait for the later of the two."""
-        if not self._gathering:
-            return  # it filled up and went (_schedule), or the server is closing
+        if not self._gathering or gen != self._gather_gen:
+            return  # its batch went (full, everyone back, or closing); maybe another gathers
         loop = self._loop
         assert loop is not None
         due = min(self._last_arrival + _GATHER_QUIET_S, self._gather_until)
         if loop.time() < due and not self._closing:
-            loop.call_at(due, self._gather_timer)
+            loop.call_at(due, self._gather_timer, gen)
             return
         self._end_gather()
         self._dispatch(gathered=True)
 
-    def _end_gather(self) -> None:
+    def _end_gather(self, waited: bool = True) -> None:
         self._gathering = False
         images = min(self._queued_images, self._max)
+        requests = taken = 0  # the requests of the batch about to go (as _take counts)
+        for p in self._queue:
+            if requests and taken + p.n > self._max:
+                break
+            requests += 1
+            taken += p.n
+        if waited:
+            self._returning = requests
+            self._back_batches = 0
+        else:
+            self._returning += requests
+            self._back_batches += 1
         now = self._loop.time()  # type: ignore[union-attr]
         if self._gather_on:  # the moving average decides when to stop
             self._gather_avg = 0.9 * self._gather_avg + 0.1 * images
-            if self._gather_avg < _GATHER_ON_IMAGES:
+            if self._gather_avg < _GATHER_OFF_IMAGES:
                 self._gather_on = False
                 self._probe_wait = _GATHER_PROBE_S
                 self._next_probe = now + self._probe_wait
@@ -238,7 +281,7 @@ class Batcher:
             return
         if self._gathering:
             if self._queued_images < self._max and not self._closing:
-                return  # _gather_tick will dispatch
+                return  # _gather_timer, or everyone being back, will dispatch
             self._end_gather()
         if self._timer is not None:
             if self._queued_images < self._max and not self._closing:

@@ -45,15 +45,17 @@ class BatchingConfig:
     # Gathering under load (ms; 0 = off). With no queue delay, a cheap request that finds the
     # model idle is computed at once on the loop, so a small model never batched: nothing ever
     # queued behind a run. Gathering lets such a request wait instead while new requests keep
-    # arriving, and sends the batch when none has arrived for 1 ms (nothing more is coming), when
-    # it is full, or after this long (or at half the earliest deadline in it). It is used only
-    # while it pays (batcher.py): a probe (0.1 s after the last, the wait doubling up to 0.8 s
-    # while they fail) turns it on when it gathers 16+ images, and it stays on while its batches
-    # average 16+, so light load (a lone client, or concurrency 8: at most 8 images) barely ever
-    # waits. Measured on lenet5 batch-1 requests at concurrency 64 (docs/serving.md): batches of
-    # 32-58 images and +31-55% throughput against the rule before (2026-11-29; 17-20 images and
-    # +10-45% against no gathering on 2026-11-23, when 20 ms gave +15-39% with p99 up by a few
-    # more ms, hence 10).
+    # arriving, and sends the batch when none has arrived for 1 ms (nothing more is coming), as
+    # soon as every client the last gathered batches answered is back (a closed-loop group of up
+    # to 16: batcher.py), when it is full, or after this long (or at half the earliest deadline
+    # in it). It is used only while it pays (batcher.py): a probe (0.1 s after the last, the wait
+    # doubling up to 0.8 s while they fail) turns it on when it gathers 6+ images, and it stays
+    # on while its batches average 5+, so a lone client or a few barely ever wait. Measured on
+    # lenet5 batch-1 requests (docs/serving.md): at concurrency 64 batches of 32-58 images and
+    # +31-55% throughput against the rule before (2026-11-29; 17-20 images and +10-45% against
+    # no gathering on 2026-11-23, when 20 ms gave +15-39% with p99 up by a few more ms, hence
+    # 10); sent as soon as everyone is back: +9% / +17% at concurrency 8 (perf_analyzer / ours)
+    # and +35% at 16, -5% at 32 and -3-4% at 64 against the quiet period alone (2026-11-29).
     gather_max_ms: float = 10.0
 
 
