@@ -57,17 +57,17 @@ log = logging.getLogger(__name__)
 # turns off.
 # Everyone back: clients that send their next request when the last is answered (a closed loop:
 # every load generator, and most services calling a model) come back together after a gathered
-# batch, so waiting out the quiet period after the last of them idles the loop for 1 ms each
-# batch. That is what made gathering lose at concurrency 8 (-23% to -32% when on there, every
-# client's request in one batch). So the server counts the requests gathered batches answered
-# whose clients have not sent again (_returning), and while that group is small
-# (_GATHER_ON_IMAGES to _GATHER_BACK_MAX requests) a gathering goes the moment the count reaches
-# 0: everyone is back, no one else is expected. Bigger groups keep the quiet period, which gathers more of them per batch (counting
-# for any group size lost 12-18% at concurrency 64: the clients split into groups of 1-10 that
-# each went alone). A batch that waited out the quiet period, and every _GATHER_RECHECK-th,
-# starts the count again: clients that did not come back are forgotten, new ones counted.
-# Measured side by side on lenet5 batch-1 requests (docs/serving.md, 4 rounds): concurrency 8
-# +9% / +17% (perf_analyzer / ours), 16 +35%; 32 -5%, 64 -3% / -4%.
+# batch, so waiting out the quiet period after the last of them idles the loop for 1 ms each batch.
+# That is what made gathering lose at concurrency 8 (-23% to -32% when on there, every client's
+# request in one batch). So the server counts the requests gathered batches answered whose clients
+# have not sent again (_returning), and while that group is small (_GATHER_ON_IMAGES to
+# _GATHER_BACK_MAX requests) a gathering goes the moment the count reaches 0: everyone is back, no
+# one else is expected. Bigger groups keep the quiet period, which gathers more of them per batch
+# (counting for any group size lost 12-18% at concurrency 64: the clients split into groups of 1-10
+# that each went alone). A batch that waited out the quiet period, and every _GATHER_RECHECK-th,
+# starts the count again: clients that did not come back are forgotten, new ones counted. Measured
+# side by side on lenet5 batch-1 requests (docs/serving.md, 4 rounds): concurrency 8 +9% / +17%
+# (perf_analyzer / ours), 16 +35%; 32 -5%, 64 -3% / -4%.
 _GATHER_QUIET_S = 0.001
 _GATHER_ON_IMAGES = 6
 _GATHER_OFF_IMAGES = 5
