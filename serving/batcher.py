@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 # that each went alone). A batch that waited out the quiet period, and every _GATHER_RECHECK-th,
 # starts the count again: clients that did not come back are forgotten, new ones counted. Measured
 # side by side on lenet5 batch-1 requests (docs/serving.md, 4 rounds): concurrency 8 +9% / +17%
-# (perf_analyzer / ours), 16 +35%; 32 -5%, 64 -3% / -4%.
+# (perf_analyzer / ours), 16 +35%; 32 -5%, 64 -4% / -3%.
 _GATHER_QUIET_S = 0.001
 _GATHER_ON_IMAGES = 6
 _GATHER_OFF_IMAGES = 5
