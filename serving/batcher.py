@@ -250,17 +250,10 @@ class Batcher:
     def _end_gather(self, waited: bool = True) -> None:
         self._gathering = False
         images = min(self._queued_images, self._max)
-        requests = taken = 0  # the requests of the batch about to go (as _take counts)
-        for p in self._queue:
-            if requests and taken + p.n > self._max:
-                break
-            requests += 1
-            taken += p.n
-        if waited:
-            self._returning = requests
+        if waited:  # those still counted as returning did not come back: forget them
+            self._returning = 0
             self._back_batches = 0
         else:
-            self._returning += requests
             self._back_batches += 1
         now = self._loop.time()  # type: ignore[union-attr]
         if self._gather_on:  # the moving average decides when to stop
@@ -294,7 +287,7 @@ class Batcher:
 
     def _dispatch(self, gathered: bool = False) -> None:
         """Launch what the free instances can take; ``gathered``: the queue is a gathered batch
-        (the full-batch inline rule applies to it)."""
+        (the full-batch inline rule applies to it, and its clients are counted as returning)."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
@@ -310,6 +303,8 @@ class Batcher:
                     break
             batch = self._take(now)
             if batch:
+                if gathered:
+                    self._returning += len(batch)
                 self._launch(batch, gathered)
         self._observer.queue_depth(len(self._queue))
         self._check_idle()
