@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cnnctl.clients.client import Client
-from cnnctl.serving.testing import CliServer, make_artifact
+from tests.support.serving import CliServer, make_artifact
 
 
 def cnnctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnctl.serving.testing import make_artifact
+from tests.support.serving import make_artifact
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cnnctl.serving.config import ServerConfig
-from cnnctl.serving.testing import config_for, make_artifact
+from tests.support.serving import config_for, make_artifact
 
 
 class ServerThread:
