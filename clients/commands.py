@@ -1,7 +1,7 @@
 """``cnnctl predict`` and ``cnnctl bench``.
 
-This module is imported for ``cnnctl predict``, so at import it loads click and nothing else; the
-client (grpc, numpy) loads when a command runs, and torch never does (tests/unit/clients checks it).
+cnnctl/cli.py imports this module only when one of them runs; with it comes the client (grpc,
+numpy), never torch (tests/unit/test_imports.py checks).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from cnnctl.clients.client import Client
 from cnnctl.errors import UsageError
 
 SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)."
@@ -58,8 +59,6 @@ def predict(server: str, model: str, version: str, images: tuple[str, ...], top_
             as_json: bool, logits: bool, timeout: float, preprocess: str, tls: bool,
             root_certs: str | None, server_name: str | None) -> None:
     """Classify IMAGE files (PNG/JPEG, or folders of them) on a running server."""
-    from cnnctl.clients.client import Client
-
     paths = _expand_paths(images)
     with Client(server, timeout=timeout, tls=tls, root_certificates=root_certs,
                 server_name=server_name, preprocess=preprocess) as client:

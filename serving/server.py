@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,3 +181,46 @@ async def serve(config: ServerConfig, announce: bool = True,
     if metrics_server is not None:
         metrics_server.shutdown()
     log.info("stopped")
+
+
+class ServerThread:
+    """A started server on an event loop of its own thread, so that the calling thread can be its
+    client (``cnnctl demo``, tests); ``stop()`` drains it."""
+
+    def __init__(self, config: ServerConfig, timeout: float = 60.0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cnnctl-server",
+                                        daemon=True)
+        self._thread.start()
+
+        async def start() -> tuple[InferenceServer, int]:
+            server, port = await create_server(config)
+            await server.start()
+            return server, port
+
+        try:
+            self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(
+                timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.address = f"{config.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=grace), self.loop).result(
+                grace + 30)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

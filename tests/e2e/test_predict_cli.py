@@ -70,7 +70,7 @@ def test_predict_never_imports_torch(served: tuple[CliServer, Path]) -> None:
     server, images = served
     code = (
         "import sys\n"
-        "from cnnctl.clients.cli import cli\n"
+        "from cnnctl.cli import cli\n"
         f"cli.main(['-q', 'predict', '--server', {server.address!r}, '--model', 'lenet5', "
         f"{str(images)!r}], standalone_mode=False)\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'onnxruntime', 'onnx') "
