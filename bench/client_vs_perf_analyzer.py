@@ -24,9 +24,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cnnctl.serving.testing import CliServer
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # tests.support: the helpers bench/ shares with the tests
+
+from tests.support.serving import CliServer  # noqa: E402
 PA = "perf_analyzer"
 
 

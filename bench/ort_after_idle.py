@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/ is not a package
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.support
 
 import serve_speed as s  # noqa: E402
 
@@ -96,7 +97,7 @@ async def _in_server(art: Path, levels: list[int],
     """Thread CPU and wall µs per ORT call inside `cnnctl serve` under load, per concurrency."""
     from cnnctl.serving import runtime
     from cnnctl.serving.server import create_server
-    from cnnctl.serving.testing import config_for
+    from tests.support.serving import config_for
 
     acc = {"n": 0, "wall": 0.0, "cpu": 0.0}
     run = runtime.OrtModel.run
@@ -142,7 +143,7 @@ def main() -> None:
     gaps = [int(g) for g in args.gaps.split(",")]
     levels = [int(c) for c in args.levels.split(",")]
     from cnnctl.serving.runtime import CPU, new_session
-    from cnnctl.serving.testing import make_artifact
+    from tests.support.serving import make_artifact
 
     art = make_artifact(Path(tempfile.mkdtemp(prefix="cnnctl-bench-")) / "lenet5", "lenet5")
     session = new_session(art / "model.onnx", [CPU], 1)  # the small-batch session of serve

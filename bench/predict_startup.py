@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # tests.support: the helpers bench/ shares with the tests
 RESULTS = ROOT / "bench" / "results" / "predict_startup.json"
 
 
@@ -50,7 +51,7 @@ def main() -> int:
     import numpy as np
     from PIL import Image
 
-    from cnnctl.serving.testing import CliServer, make_artifact
+    from tests.support.serving import CliServer, make_artifact
 
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # tests.support: the helpers bench/ shares with the tests
 RESULTS = ROOT / "bench" / "results" / "serve_speed.json"
 CONCURRENCY = (1, 8, 64)
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -360,7 +361,7 @@ def _git_revision() -> str:
 def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
             concurrency: tuple[int, ...] = CONCURRENCY,
             server_args: tuple[str, ...] = ()) -> dict[str, object]:
-    from cnnctl.serving.testing import CliServer, make_artifact
+    from tests.support.serving import CliServer, make_artifact
 
     start_load = os.getloadavg()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/ is not a package
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.support
 
 import serve_speed as s  # noqa: E402
 
@@ -53,7 +54,7 @@ def main() -> None:
     if unknown:
         p.error(f"--setups: unknown setup {unknown[0]!r}; known: {', '.join(SETUPS)}")
     setups = [SETUPS[x] for x in short]
-    from cnnctl.serving.testing import CliServer, make_artifact
+    from tests.support.serving import CliServer, make_artifact
 
     work = Path(tempfile.mkdtemp(prefix="cnnctl-bench-"))
     art = make_artifact(work / "lenet5", "lenet5")

@@ -1,7 +1,7 @@
 """``cnnctl predict`` and ``cnnctl bench``.
 
-This module is imported for ``cnnctl predict``, so at import it loads click and nothing else; the
-client (grpc, numpy) loads when a command runs, and torch never does (tests/unit/clients checks it).
+cnnctl/cli.py imports this module only when one of them runs; with it comes the client (grpc,
+numpy), never torch (tests/unit/test_imports.py checks).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from cnnctl.clients.client import Client
 from cnnctl.errors import UsageError
 
 SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)."
@@ -27,17 +28,12 @@ def _tls_options(f: Any) -> Any:
     return f
 
 
-def _expand_paths(paths: tuple[str, ...]) -> list[Path]:
+def _expand_paths(paths: tuple[Path, ...]) -> list[Path]:
     from cnnctl.clients.images import list_images
 
     out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(list_images(p))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise UsageError(f"image {str(p)!r} does not exist")
+    for p in paths:
+        out.extend(list_images(p) if p.is_dir() else [p])
     return out
 
 
@@ -45,7 +41,7 @@ def _expand_paths(paths: tuple[str, ...]) -> list[Path]:
 @click.option("--server", default="127.0.0.1:8001", show_default=True, help=SERVER_HELP)
 @click.option("--model", required=True, help="Served model name.")
 @click.option("--model-version", "version", default="", help="Model version (default: latest).")
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--logits", is_flag=True, help="Include the raw logits (with --json).")
@@ -54,12 +50,10 @@ def _expand_paths(paths: tuple[str, ...]) -> list[Path]:
 @click.option("--preprocess", type=click.Choice(["server", "client"]), default="server",
               show_default=True, help="Send encoded images (server decodes) or float tensors.")
 @_tls_options
-def predict(server: str, model: str, version: str, images: tuple[str, ...], top_k: int,
+def predict(server: str, model: str, version: str, images: tuple[Path, ...], top_k: int,
             as_json: bool, logits: bool, timeout: float, preprocess: str, tls: bool,
             root_certs: str | None, server_name: str | None) -> None:
     """Classify IMAGE files (PNG/JPEG, or folders of them) on a running server."""
-    from cnnctl.clients.client import Client
-
     paths = _expand_paths(images)
     with Client(server, timeout=timeout, tls=tls, root_certificates=root_certs,
                 server_name=server_name, preprocess=preprocess) as client:
@@ -77,14 +71,12 @@ def predict(server: str, model: str, version: str, images: tuple[str, ...], top_
         click.echo(f"{str(p):<{width}}  {r.label:<12} {r.probability:>6.3f}  {rest}")
 
 
-def _concurrency_list(value: str) -> list[int]:
-    try:
-        levels = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, "
-                                 f"e.g. 1,8,64") from None
-    if not levels or any(c < 1 or c > 1024 for c in levels):
-        raise click.BadParameter(f"{value!r}: each level must be 1-1024")
+def _levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """``--concurrency``: comma-separated levels, each checked by click.IntRange."""
+    level = click.IntRange(1, 1024)
+    levels = tuple(level.convert(v.strip(), param, ctx) for v in value.split(",") if v.strip())
+    if not levels:
+        raise click.BadParameter(f"{value!r} names no level; e.g. 1,8,64", ctx, param)
     return levels
 
 
@@ -92,7 +84,7 @@ def _concurrency_list(value: str) -> list[int]:
 @click.option("--server", default="127.0.0.1:8001", show_default=True, help=SERVER_HELP)
 @click.option("--model", default=None, help="Served model name (needed unless --in-process only).")
 @click.option("--model-version", "version", default="")
-@click.option("--concurrency", default="1,8,64", show_default=True,
+@click.option("--concurrency", callback=_levels, default="1,8,64", show_default=True,
               help="Requests in flight, one run per level (comma-separated).")
 @click.option("--duration", type=click.FloatRange(min=0.1, max=600), default=5.0,
               show_default=True, help="Measured seconds per level.")
@@ -120,7 +112,8 @@ def _concurrency_list(value: str) -> list[int]:
               help="Write throughput/latency plots (PNG; needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_tls_options
-def bench(server: str, model: str | None, version: str, concurrency: str, duration: float,
+def bench(server: str, model: str | None, version: str, concurrency: tuple[int, ...],
+          duration: float,
           warmup: float, batch: int, images_dir: str | None, preprocess: str,
           max_requests: int, streaming: bool,
           artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
@@ -129,13 +122,12 @@ def bench(server: str, model: str | None, version: str, concurrency: str, durati
     """Throughput and p50/p90/p99 latency of a running server at each concurrency level."""
     from cnnctl.clients import bench as b
 
-    levels = _concurrency_list(concurrency)
     if use_grpc and not model:
         raise UsageError("--model is required to load a server (or --no-grpc --in-process DIR)")
     if not use_grpc and not artifact_dir:
         raise UsageError("--no-grpc measures nothing without --in-process ARTIFACT_DIR")
     config = b.BenchConfig(
-        server=server, model=model or "", version=version, levels=tuple(levels),
+        server=server, model=model or "", version=version, levels=concurrency,
         duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
         max_requests=max_requests, progress=progress and not as_json, tls=tls,
         root_certificates=root_certs, server_name=server_name, preprocess=preprocess,

@@ -1,3 +1,3 @@
-from cnnctl.clients.cli import main
+from cnnctl.cli import main
 
 raise SystemExit(main())

@@ -1,7 +1,7 @@
 """The one exception hierarchy.
 
 Every error a user or client can cause is a ``CnnctlError`` whose message names the bad value and
-what is allowed. The CLI maps it to one line and exit code 2 (clients/cli.py); the server maps it to
+what is allowed. The CLI maps it to one line and exit code 2 (cnnctl/cli.py); the server maps it to
 a gRPC status code through one table (serving/errors.py). This module imports nothing heavy so that
 every stage, serving included, can use it without importing torch.
 """

@@ -9,6 +9,8 @@ from cnnctl.serving.config import DEVICES, BatchingConfig, ServerConfig
 
 _DEFAULT = ServerConfig()
 _BATCH = BatchingConfig()
+_COUNT = click.IntRange(min=1)
+_NONNEG = click.FloatRange(min=0)
 
 
 @click.command("serve")
@@ -16,40 +18,40 @@ _BATCH = BatchingConfig()
 @click.option("--repository", type=click.Path(file_okay=False), default=None,
               help="Serve every artifact directory in DIR (DIR/name/ or DIR/name/version/).")
 @click.option("--host", default=_DEFAULT.host, show_default=True)
-@click.option("--port", type=int, default=_DEFAULT.port, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=_DEFAULT.port, show_default=True,
               help="0 picks a free port (printed at startup).")
-@click.option("--max-batch-size", type=int, default=_BATCH.max_batch_size, show_default=True,
+@click.option("--max-batch-size", type=_COUNT, default=_BATCH.max_batch_size, show_default=True,
               help="Images per merged model execution.")
-@click.option("--max-queue-delay-ms", type=float, default=_BATCH.max_queue_delay_ms,
+@click.option("--max-queue-delay-ms", type=_NONNEG, default=_BATCH.max_queue_delay_ms,
               show_default=True, help="How long the oldest request may wait for a fuller batch "
               "while an instance is idle.")
-@click.option("--max-queue-size", type=int, default=_BATCH.max_queue_size, show_default=True,
+@click.option("--max-queue-size", type=_COUNT, default=_BATCH.max_queue_size, show_default=True,
               help="Requests queued per model before RESOURCE_EXHAUSTED.")
-@click.option("--inline-below-us", type=float, default=_BATCH.inline_below_us, show_default=True,
+@click.option("--inline-below-us", type=_NONNEG, default=_BATCH.inline_below_us, show_default=True,
               help="Run batches expected to compute faster than this (µs) on the event loop "
               "instead of handing them to the thread pool (0, with --inline-full-below-us 0: "
               "always the pool).")
-@click.option("--inline-full-below-us", type=float, default=_BATCH.inline_full_below_us,
+@click.option("--inline-full-below-us", type=_NONNEG, default=_BATCH.inline_full_below_us,
               show_default=True, help="The same for full batches (--max-batch-size images or "
               "more), which no other request could join; 0 = always the pool.")
-@click.option("--gather-max-ms", type=float, default=_BATCH.gather_max_ms, show_default=True,
+@click.option("--gather-max-ms", type=_NONNEG, default=_BATCH.gather_max_ms, show_default=True,
               help="Under load, let a cheap request that finds the model idle wait up to this "
               "long while new requests keep arriving, so that small models batch too (used only "
               "while it forms batches of 8+ images); 0 = off.")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
               help="Off: every request runs as its own execution.")
-@click.option("--instances", type=int, default=_DEFAULT.instances, show_default=True,
+@click.option("--instances", type=_COUNT, default=_DEFAULT.instances, show_default=True,
               help="Model executions in flight at once per model.")
-@click.option("--intra-op-threads", type=int, default=0,
+@click.option("--intra-op-threads", type=click.IntRange(min=0), default=0,
               help="ONNX Runtime threads for big batches (0: cores / instances); small "
               "batches use 1.")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULT.device, show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics here.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None)
-@click.option("--workers", type=int, default=_DEFAULT.workers, show_default=True,
+@click.option("--workers", type=_COUNT, default=_DEFAULT.workers, show_default=True,
               help="Server processes sharing the port (SO_REUSEPORT).")
-@click.option("--max-message-mb", type=int, default=_DEFAULT.max_message_mb, show_default=True,
+@click.option("--max-message-mb", type=_COUNT, default=_DEFAULT.max_message_mb, show_default=True,
               help="Largest request/response message (MiB); larger ones get RESOURCE_EXHAUSTED.")
 @click.option("--grace-s", type=float, default=_DEFAULT.grace_s, show_default=True,
               help="On SIGTERM/SIGINT, how long to wait for in-flight and queued requests.")
@@ -66,21 +68,6 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
           max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
-    for flag, value, low in (("--max-batch-size", max_batch_size, 1),
-                             ("--max-queue-size", max_queue_size, 1),
-                             ("--instances", instances, 1), ("--workers", workers, 1),
-                             ("--max-message-mb", max_message_mb, 1),
-                             ("--intra-op-threads", intra_op_threads, 0),
-                             ("--port", port, 0)):
-        if value < low:
-            raise UsageError(f"{flag} must be at least {low}, got {value}")
-    if max_queue_delay_ms < 0:
-        raise UsageError(f"--max-queue-delay-ms must be at least 0, got {max_queue_delay_ms}")
-    for flag, value in (("--inline-below-us", inline_below_us),
-                        ("--inline-full-below-us", inline_full_below_us),
-                        ("--gather-max-ms", gather_max_ms)):
-        if value < 0:
-            raise UsageError(f"{flag} must be at least 0, got {value}")
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
     if not artifact_dirs and not repository:

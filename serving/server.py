@@ -4,8 +4,7 @@ Graceful shutdown, in order (all within grace_s):
 1. health goes NOT_SERVING and ServerReady false, so balancers stop sending;
 2. for drain_linger_s everything that arrives is still answered: requests a client sent just
    before the signal may still be on the wire or waiting in gRPC's queue of calls not yet handed
-   to a handler, and grpc's own stop() cancels those (measured: up to ~10 of 16 closed-loop
-   clients' requests, sent up to 8 ms before the signal, came back CANCELLED without this step);
+   to a handler, and grpc's own stop() would cancel those;
 3. new inference requests are refused (UNAVAILABLE) and the server waits until every accepted one
    is answered, the batch queues included (the batchers keep running);
 4. the gRPC server stops, the batchers are drained and the ORT thread pools closed.
@@ -17,8 +16,9 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -50,7 +50,7 @@ class InferenceServer:
     health: health.aio.HealthServicer
     metrics: ServerMetrics
     port: int
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopped: bool = False
 
     async def start(self) -> None:
         self.repository.start()
@@ -62,7 +62,7 @@ class InferenceServer:
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
         """Stop accepting, answer everything in flight and queued, release the models."""
-        if self._stopped.is_set():
+        if self._stopped:
             return
         loop = asyncio.get_running_loop()
         grace = self.config.grace_s if grace is None else grace
@@ -81,16 +81,11 @@ class InferenceServer:
             log.warning("grace period over with %d requests unanswered", self.servicer.active)
         # Every request we took in is answered. What gRPC still holds is an answer on its way
         # out, or a call that arrived as the shutdown began and that it will never hand to a
-        # handler: gRPC keeps such a call, unanswered, until the grace period ends (seen in
-        # ~1 of 6 runs of tests/e2e/test_serve_sigterm.py: the server exited 30 s after the
-        # signal instead of 0.5 s), so gRPC gets only FLUSH_S more, not the rest of the grace.
+        # handler, which it would keep until the grace period ends: so only FLUSH_S more.
         await self.grpc_server.stop(min(FLUSH_S, max(0.0, end - loop.time())))
         self.servicer.close()
         await self.repository.drain()
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
+        self._stopped = True
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -143,9 +138,8 @@ async def serve(config: ServerConfig, announce: bool = True,
                 on_started: Callable[[str], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server, port = await create_server(config)
-    # Everything loaded so far (modules, sessions, protobuf descriptors: ~40k objects) lives as
-    # long as the process; out of the collector's sight, a full collection no longer walks it
-    # (measured: a 23 ms pause of the event loop every few thousand requests before this).
+    # Everything loaded so far (modules, sessions, protobuf descriptors) lives as long as the
+    # process; frozen, a full collection no longer walks it and pauses the event loop for ms.
     gc.collect()
     gc.freeze()
     metrics_server = None
@@ -180,3 +174,45 @@ async def serve(config: ServerConfig, announce: bool = True,
     if metrics_server is not None:
         metrics_server.shutdown()
     log.info("stopped")
+
+
+class ServerThread:
+    """A started server on an event loop of its own thread, so that the calling thread can be its
+    client (``cnnctl demo``, tests); ``stop()`` drains it."""
+
+    def __init__(self, config: ServerConfig, timeout: float = 60.0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cnnctl-server",
+                                        daemon=True)
+        self._thread.start()
+
+        async def start() -> tuple[InferenceServer, int]:
+            server, port = await create_server(config)
+            await server.start()
+            return server, port
+
+        try:
+            self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(
+                timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.address = f"{config.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace=grace), self.loop).result(
+                grace + 30)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -120,12 +120,12 @@ def run_workers(config: ServerConfig) -> int:
             reserved.close()
             reserved = None
         if config.metrics_port is not None and not stop:
-            from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+            from prometheus_client import start_http_server
 
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+            from cnnctl.serving.metrics import multiprocess_registry
+
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host,
-                                                  registry=registry)
+                                                  registry=multiprocess_registry(metrics_dir))
             print(f"metrics on http://{config.host}:{metrics_server.server_port}/metrics",
                   flush=True)
         if not stop:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnctl.serving.testing import CliServer, make_artifact
+from tests.support.serving import CliServer, make_artifact
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "classify_folder.py"
 

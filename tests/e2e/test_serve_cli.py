@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnctl.serving.testing import make_artifact
+from tests.support.serving import make_artifact
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -27,11 +27,6 @@ def test_user_errors_are_one_line_exit_2(artifact: Path, tmp_path: Path) -> None
         ((str(tmp_path / "nope"),), f"error: artifact directory '{tmp_path / 'nope'}' does not exist"),
         ((str(artifact), "--tls-cert", "x.pem"),
          "error: --tls-cert and --tls-key go together; give both or neither"),
-        ((str(artifact), "--max-batch-size", "0"), "error: --max-batch-size must be at least 1, got 0"),
-        ((str(artifact), "--inline-full-below-us", "-1"),
-         "error: --inline-full-below-us must be at least 0, got -1.0"),
-        ((str(artifact), "--gather-max-ms", "-5"),
-         "error: --gather-max-ms must be at least 0, got -5.0"),
         ((str(artifact), "--device", "cuda"), "error: --device cuda: no usable CUDA GPU "
          "(onnxruntime's CUDA provider did not initialise); use --device auto or cpu"),
     ]
@@ -47,6 +42,21 @@ def test_user_errors_are_one_line_exit_2(artifact: Path, tmp_path: Path) -> None
                 pass
         done = serve(*args)
         assert (done.returncode, done.stderr.strip()) == (2, message)
+
+
+def test_out_of_range_options_exit_2_naming_value_and_range(artifact: Path) -> None:
+    cases = [
+        (("--max-batch-size", "0"), "'--max-batch-size': 0 is not in the range x>=1."),
+        (("--inline-full-below-us", "-1"), "'--inline-full-below-us': -1.0 is not in the range "
+         "x>=0."),
+        (("--gather-max-ms", "-5"), "'--gather-max-ms': -5.0 is not in the range x>=0."),
+        (("--port", "70000"), "'--port': 70000 is not in the range 0<=x<=65535."),
+        (("--device", "tpu"), "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'."),
+    ]
+    for args, message in cases:
+        done = serve(str(artifact), *args)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines()[-1] == f"Error: Invalid value for {message}"
 
 
 def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cnnctl.protos import grpc_service_pb2 as pb
-from cnnctl.serving.testing import CliServer, infer_request, stub, make_artifact
+from tests.support.serving import CliServer, infer_request, stub, make_artifact
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cnnctl.serving.testing import CliServer, infer_request, logits_of, make_artifact, stub
+from tests.support.serving import CliServer, infer_request, logits_of, make_artifact, stub
 
 QUEUED = 64  # requests parked in the batch queue when the signal arrives
 LOADERS = 4  # closed-loop clients running throughout

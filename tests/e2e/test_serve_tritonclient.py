@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cnnctl.serving.testing import CliServer
+from tests.support.serving import CliServer
 
 PROBE = Path(__file__).with_name("triton_probe.py")
 

@@ -1,11 +1,10 @@
 """Client fixtures: a random-weight artifact (built once), and real servers on 127.0.0.1:0 running
-in a background event loop, so the blocking Client can call them from the test thread."""
+in a background event loop (ServerThread), so the blocking Client can call them from the test
+thread."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,41 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cnnctl.serving.config import ServerConfig
-from cnnctl.serving.testing import config_for, make_artifact
-
-
-class ServerThread:
-    """cnnctl's gRPC server (create_server) on its own event loop thread; ``stop()`` drains it."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        from cnnctl.serving.server import create_server
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start() -> tuple[Any, int]:
-            server, port = await create_server(config)
-            await server.start()
-            return server, port
-
-        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(60)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace=2), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-    def __enter__(self) -> ServerThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+from cnnctl.serving.server import ServerThread
+from tests.support.serving import config_for, make_artifact
 
 
 @pytest.fixture(scope="session")

@@ -62,9 +62,12 @@ def test_streaming_levels(server: ServerThread) -> None:
 
 
 def test_bad_concurrency_names_the_value() -> None:
-    result = CliRunner().invoke(bench, ["--model", "m", "--concurrency", "1,x"])
-    assert result.exit_code == 2
-    assert "'1,x' is not a comma-separated list of integers, e.g. 1,8,64" in result.output
+    for value, message in (("1,x", "'x' is not a valid integer range"),
+                           ("8,2000", "2000 is not in the range 1<=x<=1024"),
+                           (",", "',' names no level; e.g. 1,8,64")):
+        result = CliRunner().invoke(bench, ["--model", "m", "--concurrency", value])
+        assert result.exit_code == 2
+        assert f"Invalid value for '--concurrency': {message}" in result.output
 
 
 def test_images_preprocessed_on_the_client(server: ServerThread, tmp_path: Path, digits) -> None:

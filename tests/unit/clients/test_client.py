@@ -23,7 +23,7 @@ from cnnctl.clients.images import encode_png, expand
 from cnnctl.errors import ShapeError, UsageError
 from cnnctl.export.manifest import load_manifest
 from cnnctl.serving.preprocess import decode_images
-from cnnctl.serving.testing import config_for
+from tests.support.serving import config_for
 
 from .conftest import ServerThread
 

@@ -1,5 +1,5 @@
 """Serving fixtures: random-weight artifact directories, built once per session, and the in-process
-ONNX Runtime reference. Helpers to start a server live in cnnctl.serving.testing."""
+ONNX Runtime reference. Helpers to start a server live in tests.support.serving."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cnnctl.serving.testing import make_artifact
+from tests.support.serving import make_artifact
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from cnnctl.export.manifest import ImageSpec, Manifest, TensorSpec
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.codec import FastCodec, decode_request, encode_response, fast_tensor
 from cnnctl.serving.shm import SharedMemoryRegistry
-from cnnctl.serving.testing import infer_request
+from tests.support.serving import infer_request
 
 MANIFEST = Manifest(name="lenet5", model="lenet5", version="3", files=[],
                     input=TensorSpec("input", "FP32", [-1, 1, 32, 32]),

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from cnnctl.protos import grpc_service_pb2 as pb
-from cnnctl.serving.testing import config_for, infer_request, logits_of, running, stub
+from tests.support.serving import config_for, infer_request, logits_of, running, stub
 
 BAD = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -22,7 +22,7 @@ from PIL import Image
 from cnnctl.errors import AlreadyExistsError, NotFoundError, UsageError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.shm import SHM_ROOT, SharedMemoryRegistry
-from cnnctl.serving.testing import config_for, infer_request, logits_of, running, stub
+from tests.support.serving import config_for, infer_request, logits_of, running, stub
 
 pytestmark = pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="no /dev/shm (POSIX shared memory)")
 BAD = grpc.StatusCode.INVALID_ARGUMENT

@@ -14,7 +14,7 @@ import pytest
 
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.server import create_server
-from cnnctl.serving.testing import config_for, stub
+from tests.support.serving import config_for, stub
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""Random-weight artifact directories for the serving tests and benchmarks.
+"""Helpers for the tests and bench/ scripts; not part of the installed package.
 
-The real exporter (cnnctl.export) writes verified artifacts from trained checkpoints; the server
-only needs the artifact contract (an ONNX file with a dynamic batch dimension + manifest.json), so
-its tests build that directly and stay independent of the exporter. Imports torch lazily.
-Also: helpers to run a real server on 127.0.0.1:0 in a test's event loop and talk to it.
+- make_artifact: a random-weight artifact directory. The real exporter (cnnctl.export) writes
+  verified artifacts from trained checkpoints; the server only needs the artifact contract (an ONNX
+  file with a dynamic batch dimension + manifest.json), so its tests build that directly and stay
+  independent of the exporter.
+- config_for / running: a real server on 127.0.0.1:0 in the test's event loop; CliServer: ``cnnctl
+  serve`` in a subprocess; infer_request / logits_of / stub: talking to either.
 """
 
 from __future__ import annotations
