@@ -64,8 +64,8 @@ def test_predict_errors_exit_2(served: tuple[CliServer, Path]) -> None:
     assert (r.returncode, r.stderr) == (2, "error: unknown model 'lenet6'; served models: lenet5\n")
     r = cnnctl("predict", "--server", server.address, "--model", "lenet5", "/no/such.png")
     assert r.returncode == 2
-    assert r.stderr.splitlines()[-1] == ("Error: Invalid value for 'IMAGES...': Path "
-                                         "'/no/such.png' does not exist.")
+    assert r.stderr == ("error: Invalid value for 'IMAGES...': Path '/no/such.png' does not "
+                        "exist. (see 'cnnctl predict -h')\n")
 
 
 def test_predict_never_imports_torch(served: tuple[CliServer, Path]) -> None:

@@ -56,7 +56,7 @@ def test_out_of_range_options_exit_2_naming_value_and_range(artifact: Path) -> N
     for args, message in cases:
         done = serve(str(artifact), *args)
         assert done.returncode == 2
-        assert done.stderr.strip().splitlines()[-1] == f"Error: Invalid value for {message}"
+        assert done.stderr == f"error: Invalid value for {message} (see 'cnnctl serve -h')\n"
 
 
 def test_tampered_artifact_is_refused(artifact: Path, tmp_path: Path) -> None:
