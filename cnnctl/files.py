@@ -1,8 +1,9 @@
-"""Atomic file writes: a reader, or a crash, sees a file's old content or its new one, never a torn one.
+"""Atomic file writes: a reader, or a crash, sees a file's old content or its new one, never a
+torn one.
 
-Every file one stage writes for another (checkpoints, run-directory files, manifests, caches) goes
-through here: a temp file beside the target, fsync, ``os.replace``, then an fsync of the directory so
-that the rename itself is on disk. Standard library only: the server imports this too.
+Every file one stage writes for another (checkpoints, run-directory files, manifests, caches)
+goes through here: a temp file beside the target, fsync, ``os.replace``, then an fsync of the
+directory so that the rename itself is on disk. Standard library only: the server imports this too.
 """
 
 from __future__ import annotations

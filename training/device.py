@@ -1,4 +1,5 @@
-"""Where a run executes and at what precision: the device, torchrun's ranks, autocast, memory format.
+"""Where a run executes and at what precision: the device, torchrun's ranks, autocast, memory
+format.
 
 Under torchrun (WORLD_SIZE > 1) every process calls ``place`` and joins one process group; sums
 across ranks go through ``sum_across_ranks`` so that a single process never touches

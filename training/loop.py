@@ -407,7 +407,8 @@ def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: in
     model.train()
     # Augmentation draws from its own generator, fixed by (seed, epoch, rank): a resumed run and
     # every device see the same crops.
-    aug_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 7919 * (where.rank + 1))
+    aug_seed = config.seed * 1_000_003 + epoch + 7919 * (where.rank + 1)
+    aug_gen = torch.Generator().manual_seed(aug_seed)
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
     correct = torch.zeros((), dtype=torch.int64, device=where.device)
     seen = 0

@@ -76,7 +76,8 @@ def test_text_evaluate_prints_per_class(tmp_path: Path) -> None:
     (["train", "--dataset", "imagenet"], "error: unknown dataset 'imagenet'; known: mnist-sample"),
     (["train", "--optimizer", "lbfgs"],
      "error: Invalid value for '--optimizer': 'lbfgs' is not one of 'sgd', 'adam', 'adamw'."),
-    (["train", "--epochs", "0"], "error: Invalid value for '--epochs': 0 is not in the range x>=1."),
+    (["train", "--epochs", "0"],
+     "error: Invalid value for '--epochs': 0 is not in the range x>=1."),
     (["train", "--batch-size", "-1"],
      "error: Invalid value for '--batch-size': -1 is not in the range x>=1."),
     (["train", "--nproc", "2", "--batch-size", "3"],  # before torchrun starts: one line, no run dir

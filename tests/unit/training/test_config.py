@@ -84,7 +84,8 @@ def test_resume_keeps_what_it_computes_and_takes_how_it_runs() -> None:
     saved = from_flags("convnet", epochs=5, lr=0.02, workers=2, plot=True)
     current = TrainConfig(epochs=1, lr=0.5, workers=0, plot=False, progress=False)
     resumed = saved.resumed_with(current, out="runs/x")
-    assert (resumed.epochs, resumed.lr, resumed.model, resumed.out) == (5, 0.02, "convnet", "runs/x")
+    assert (resumed.epochs, resumed.lr, resumed.model) == (5, 0.02, "convnet")
+    assert resumed.out == "runs/x"
     assert all(getattr(resumed, name) == getattr(current, name) for name in RESUMABLE)
 
 
