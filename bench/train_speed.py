@@ -97,7 +97,8 @@ def cnnctl_default(data_dir: str) -> dict:
     evaluation after every epoch for the measurement only (model selection uses the val slice)."""
     from cnnctl.training.config import from_flags
     from cnnctl.training.data import load_split
-    from cnnctl.training.loop import Callbacks, evaluate, train
+    from cnnctl.training.evaluate import evaluate
+    from cnnctl.training.loop import Callbacks, train
 
     start, cpu_start = time.perf_counter(), time.process_time()
     test = load_split("mnist", "test", data_dir=data_dir)

@@ -24,6 +24,7 @@ from cnnctl.export.manifest import (
     PRECISIONS, FileEntry, ImageSpec, Manifest, TensorSpec, file_entry, load_manifest,
     save_manifest, sha256_file,
 )
+from cnnctl.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
             old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 def verify_artifact_dir(

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnnctl.errors import ArtifactError
+from cnnctl.files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cnnctl.artifact"
@@ -109,25 +109,10 @@ def file_entry(artifact_dir: str | os.PathLike[str], relpath: str, format: str,
     return FileEntry(relpath, format, precision, sha256_file(full), full.stat().st_size)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file so that a reader sees the old content or the new, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_manifest(artifact_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
     path = Path(artifact_dir) / MANIFEST_NAME
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n"
-    write_atomic(path, text.encode())
+    write_atomic(path, text)
     return path
 
 

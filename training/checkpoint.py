@@ -10,10 +10,9 @@ aliases), so no reader ever does it by hand.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from cnnctl.errors import CheckpointError, ShapeError
+from cnnctl.files import replacing, write_atomic_with
 from cnnctl.training.models import build_model, get_spec
 
 FORMAT = "cnnctl.checkpoint"
@@ -96,52 +96,23 @@ def make_checkpoint(
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write atomically: temp file in the same directory, fsync, rename. A crash mid-write leaves the
-    previous file as it was."""
+    """Write atomically (cnnctl/files.py): a crash mid-write leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(dict(checkpoint), buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic_with(path, lambda f: torch.save(dict(checkpoint), f))
 
 
 def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
-    """Make ``target`` hold the same bytes as ``source``, atomically: a hard link under a temp name
-    renamed over ``target`` (no second copy of a 500 MB vgg16 checkpoint), or a copy where the
-    filesystem has no hard links. ``source`` being replaced later (os.replace) leaves it intact."""
-    source, target = Path(source), Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
+    """Make ``target`` hold the same bytes as ``source``, atomically: a hard link (no second copy
+    of a 500 MB vgg16 checkpoint), or a copy where the filesystem has no hard links. ``source``
+    being replaced later (os.replace) leaves ``target`` intact."""
     try:
-        try:
+        with replacing(target) as tmp:
             os.link(source, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    except OSError:
+        with open(source, "rb") as src:
+            write_atomic_with(target, lambda f: shutil.copyfileobj(src, f))
+    return Path(target)
 
 
 def _torch_load(path: str | os.PathLike[str], map_location: Any) -> Any:

@@ -1,7 +1,8 @@
 """``cnnctl train``, ``evaluate``, ``models``, ``datasets``.
 
-Only click is imported at module level: ``cnnctl --help`` must not pay for importing torch.
-Every user mistake becomes a CnnctlError, which clients/cli.py prints as one line (exit 2).
+Only click and config.py (no torch) are imported at module level: ``cnnctl --help`` must not pay
+for importing torch. Flag values are checked by click types built from config.py's tables; every
+user mistake becomes a CnnctlError, which the CLI prints as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -12,39 +13,54 @@ from typing import Any
 
 import click
 
-_CHOICE_HELP = {
-    "optimizer": "sgd|adam|adamw",
-    "schedule": "onecycle|cosine|multistep|none",
-}
+from cnnctl.errors import UsageError
+from cnnctl.training.config import (AUGMENTS, DEVICES, OPTIMIZERS, RANGES, RESUMABLE, SCHEDULES,
+                                    SPLITS, STREAM_MODES)
 
 
-def _echo_callbacks() -> Any:
-    """The CLI's view of a run: which device, then one summary line per epoch."""
-    from cnnctl.training.loop import Callbacks
+class _Command(click.Command):
+    """A bad flag value is a UsageError like any other: one line and exit 2 from the CLI, where
+    click would print its usage block first."""
 
-    def on_start(info: dict[str, Any]) -> None:
-        cfg = info["config"]
-        click.echo(f"device: {info['device']}"
-                   + (f", {info['world_size']} processes" if info["world_size"] > 1 else ""))
-        click.echo(
-            f"training {cfg.model} on {cfg.dataset}: {info['train']} train / {info['val']} val "
-            f"images, {info['classes']} classes; {cfg.epochs} epochs × {info['steps_per_epoch']} "
-            f"steps of {cfg.batch_size}; {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}; "
-            f"amp {info['amp']}, channels_last {'on' if info['channels_last'] else 'off'}")
-        if info["start_epoch"] > 1:
-            click.echo(f"resuming at epoch {info['start_epoch']}")
-        click.echo(f"run dir: {info['run_dir']}")
-
-    def on_epoch_end(r: Any, model: Any) -> None:
-        click.echo(
-            f"epoch {r.epoch}: train loss {r.train_loss:.4f} acc {100 * r.train_acc:.2f}% | "
-            f"val loss {r.val_loss:.4f} acc {100 * r.val_acc:.2f}% | lr {r.lr:.3g} | "
-            f"{r.images_per_s:.0f} img/s | {r.epoch_s:.1f}s")
-
-    return Callbacks(on_start=on_start, on_epoch_end=on_epoch_end)
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise UsageError(exc.format_message()) from None
 
 
-@click.command()
+def _range(name: str) -> click.ParamType:
+    """The click type for a numeric TrainConfig field, from its entry in config.RANGES."""
+    r = RANGES[name]
+    kind = click.IntRange if r.integer else click.FloatRange
+    return kind(r.min, r.max, min_open=r.min_open, max_open=r.max_open)
+
+
+class _Ints(click.ParamType):
+    """Comma-separated integers (``8,16,24``); ``count`` fixes how many, ``minimum`` bounds each."""
+
+    name = "ints"
+
+    def __init__(self, count: int | None = None, minimum: int | None = None) -> None:
+        self.count = count
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            ints = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if self.count is not None and len(ints) != self.count:
+            self.fail(f"{value!r} has {len(ints)} integers; {self.count} are needed", param, ctx)
+        if self.minimum is not None and any(i < self.minimum for i in ints):
+            self.fail(f"{value!r} has a value below {self.minimum}", param, ctx)
+        return ints
+
+
+@click.command(cls=_Command)
 @click.option("--model", "model", default=None, metavar="NAME",
               help="Model from `cnnctl models` (default resnet-mini).")
 @click.option("--dataset", default=None, metavar="NAME",
@@ -52,40 +68,40 @@ def _echo_callbacks() -> Any:
                    "Default: mnist-sample for 1-channel models, else the model's dataset.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
               help="Where torchvision datasets live / download to (default: user cache dir).")
-@click.option("--epochs", type=int, default=None, help="Default: the model's recipe.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--epochs", type=_range("epochs"), default=None, help="Default: the model's recipe.")
+@click.option("--batch-size", type=_range("batch_size"), default=None,
               help="Global batch size (split across --nproc processes).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
-@click.option("--optimizer", default=None, metavar=_CHOICE_HELP["optimizer"])
-@click.option("--schedule", default=None, metavar=_CHOICE_HELP["schedule"])
-@click.option("--momentum", type=float, default=None, help="SGD momentum.")
+@click.option("--lr", type=_range("lr"), default=None, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None)
+@click.option("--momentum", type=_range("momentum"), default=None, help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum (SGD).")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--label-smoothing", type=float, default=None)
-@click.option("--milestones", default=None, metavar="E1,E2,…",
+@click.option("--weight-decay", type=_range("weight_decay"), default=None)
+@click.option("--label-smoothing", type=_range("label_smoothing"), default=None)
+@click.option("--milestones", type=_Ints(), default=None, metavar="E1,E2,…",
               help="Epochs at which the multistep schedule multiplies lr by --gamma.")
-@click.option("--gamma", type=float, default=None)
-@click.option("--augment", default=None, metavar="none|crop|crop-flip",
+@click.option("--gamma", type=_range("gamma"), default=None)
+@click.option("--augment", type=click.Choice(AUGMENTS), default=None,
               help="On-device random crop with --crop-padding (and horizontal flip).")
-@click.option("--crop-padding", default=None, metavar="L,T,R,B",
+@click.option("--crop-padding", type=_Ints(count=4, minimum=0), default=None, metavar="L,T,R,B",
               help="Zero padding before the random crop (default 4,4,4,4; seed 004: 0,2,3,4).")
-@click.option("--val-fraction", type=float, default=None,
+@click.option("--val-fraction", type=_range("val_fraction"), default=None,
               help="Share of the training split held out for model selection (default 0.1).")
-@click.option("--device", default="auto", metavar="auto|cpu|cuda", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run directory (default runs/<model>-<timestamp>).")
-@click.option("--state-dict", default=None, type=click.Path(dir_okay=False),
+@click.option("--state-dict", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start from a seed's bare state_dict file (keys as the seed saved them).")
 @click.option("--import-only", is_flag=True,
               help="With --state-dict: write it as best.pt/last.pt in the run dir, no training.")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Pretrained torchvision state_dict (vgg16); the classifier head is replaced.")
 @click.option("--freeze-features", is_flag=True, default=None,
               help="vgg16: train only the classifier.")
-@click.option("--resume", default=None, type=click.Path(file_okay=False),
+@click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
               help="Continue RUN_DIR from its last.pt with the configuration saved there.")
-@click.option("--nproc", type=int, default=None,
+@click.option("--nproc", type=_range("nproc"), default=None,
               help="Data-parallel processes on this machine (torchrun + DDP; gloo on CPU).")
 @click.option("--tensorboard", is_flag=True, default=None,
               help="Write TensorBoard logs into the run dir.")
@@ -94,33 +110,20 @@ def _echo_callbacks() -> Any:
               help="Mixed precision (default: on for CUDA, off on CPU where bf16 measured slower).")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="NHWC memory format (default on).")
-@click.option("--max-steps", "max_steps_per_epoch", type=int, default=None,
-              help="At most this many steps per epoch (quick checks).")
-@click.option("--stream", default=None, metavar="auto|memory|stream",
+@click.option("--max-steps", "max_steps_per_epoch", type=_range("max_steps_per_epoch"),
+              default=None, help="At most this many steps per epoch (quick checks).")
+@click.option("--stream", type=click.Choice(STREAM_MODES), default=None,
               help="folder datasets: decode into memory or stream through DataLoader workers.")
-@click.option("--workers", type=int, default=None, help="DataLoader workers when streaming.")
+@click.option("--workers", type=_range("workers"), default=None,
+              help="DataLoader workers when streaming.")
 @click.option("--plot/--no-plot", default=None, help="curves.png in the run dir (default on).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(model: str | None, dataset: str | None, milestones: str | None, crop_padding: str | None,
-          resume: str | None, nproc: int | None, import_only: bool, compile_: bool | None,
-          **flags: Any) -> None:
+def train(model: str | None, dataset: str | None, resume: str | None, nproc: int | None,
+          import_only: bool, compile_: bool | None, **flags: Any) -> None:
     """Train a model; writes best.pt, last.pt, metrics.csv and config.json into the run dir."""
-    from cnnctl.errors import UsageError
     from cnnctl.training.config import from_flags
 
     flags["compile"] = compile_
-    if milestones is not None:
-        try:
-            flags["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
-        except ValueError:
-            raise UsageError(f"--milestones must be comma-separated epochs, got {milestones!r}") \
-                from None
-    if crop_padding is not None:
-        try:
-            flags["crop_padding"] = tuple(int(p) for p in crop_padding.split(","))
-        except ValueError:
-            raise UsageError(f"--crop-padding must be 4 comma-separated ints, got {crop_padding!r}") \
-                from None
     if resume is not None:
         return _resume(resume, nproc, flags)
     model = model or "resnet-mini"
@@ -138,15 +141,10 @@ def train(model: str | None, dataset: str | None, milestones: str | None, crop_p
 
 
 def _run(config: Any, resume: str | None) -> None:
+    from cnnctl.training.echo import echo_callbacks, echo_result
     from cnnctl.training.loop import train as run_training
 
-    result = run_training(config, callbacks=_echo_callbacks(), resume=resume)
-    if not result.history:
-        click.echo(f"nothing to do: {result.run_dir} already finished {config.epochs} epochs")
-    else:
-        click.echo(f"best val acc {100 * result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
-                   f"{result.history[-1].elapsed_s:.1f}s")
-        click.echo(f"best checkpoint: {result.best_path}")
+    echo_result(run_training(config, callbacks=echo_callbacks(), resume=resume))
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():  # a worker of the user's own torchrun
@@ -158,9 +156,7 @@ def _run(config: Any, resume: str | None) -> None:
 def _resume(run_dir: str, nproc: int | None, flags: dict[str, Any]) -> None:
     from cnnctl.training.config import TrainConfig
 
-    overrides = {k: flags[k] for k in ("device", "progress", "tensorboard", "plot", "workers")
-                 if flags.get(k) is not None}
-    config = TrainConfig(**overrides)
+    config = TrainConfig(**{k: flags[k] for k in RESUMABLE if flags.get(k) is not None})
     if nproc and nproc > 1:
         return _launch(config.replace(nproc=nproc), run_dir)
     _run(config, run_dir)
@@ -176,10 +172,9 @@ def _launch(config: Any, resume: str | None) -> None:
 
 def _import_only(config: Any) -> None:
     """--state-dict F --import-only: the seed's weights as a cnnctl checkpoint, no training."""
-    from cnnctl.errors import UsageError
     from cnnctl.training.checkpoint import import_state_dict, link_or_copy, save_checkpoint
-    from cnnctl.training.data import DATASETS
-    from cnnctl.training.loop import new_run_dir
+    from cnnctl.training.config import DATASETS
+    from cnnctl.training.rundir import new_run_dir
 
     if not config.state_dict:
         raise UsageError("--import-only needs --state-dict FILE")
@@ -199,14 +194,14 @@ def _import_only(config: Any) -> None:
     click.echo(f"imported {config.state_dict} as {config.model}: {run_dir / 'best.pt'}")
 
 
-@click.command()
-@click.argument("checkpoint", type=click.Path())
+@click.command(cls=_Command)
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dataset", default=None, help="Default: the dataset the checkpoint was trained on.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False))
-@click.option("--split", default="test", metavar="test|val|train", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--device", default="auto", metavar="auto|cpu|cuda", show_default=True)
+@click.option("--batch-size", type=_range("eval_batch_size"), default=None)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--model", default=None, metavar="NAME",
               help="Evaluate a bare state_dict file by naming its model.")
 def evaluate(checkpoint: str, dataset: str | None, data_dir: str | None, split: str,
@@ -216,13 +211,12 @@ def evaluate(checkpoint: str, dataset: str | None, data_dir: str | None, split: 
 
     import torch
 
-    from cnnctl.errors import ShapeError, UsageError
+    from cnnctl.errors import ShapeError
     from cnnctl.training.checkpoint import import_state_dict, load_checkpoint, model_from_checkpoint
     from cnnctl.training.data import check_compatible, load_split
-    from cnnctl.training.loop import default_eval_batch, evaluate as run_eval, select_device
+    from cnnctl.training.device import select_device
+    from cnnctl.training.evaluate import default_eval_batch, evaluate as run_eval
 
-    if batch_size is not None and batch_size <= 0:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     ckpt = import_state_dict(checkpoint, model) if model else load_checkpoint(checkpoint)
     dataset = dataset or ckpt.get("dataset") or "mnist-sample"
     dev, why = select_device(device)
@@ -280,7 +274,8 @@ def models() -> None:
 @click.command()
 def datasets() -> None:
     """Datasets cnnctl can train on."""
-    from cnnctl.training.data import DATASETS, default_data_dir
+    from cnnctl.training.config import DATASETS
+    from cnnctl.training.data import default_data_dir
     from cnnctl.training.models import format_shape
 
     for info in DATASETS.values():

@@ -1,5 +1,7 @@
-"""Training configuration: one frozen dataclass, defaults in one place.
+"""Training configuration: one frozen dataclass, defaults in one place, and what each setting
+allows (choices, datasets, numeric ranges), checked once when a TrainConfig is made.
 
+Imports neither torch nor click: the CLI builds its click types from these tables at import time.
 A flag left unset takes the model's default recipe (``ModelSpec.recipe`` in models.py), so
 ``cnnctl train --model cifar-net-v3`` runs seed 004's recipe while every value stays overridable
 (``--optimizer sgd --lr 0.01 --momentum 0.5 --schedule none --batch-size 64`` is seed 002's own).
@@ -8,7 +10,7 @@ A flag left unset takes the model's default recipe (``ModelSpec.recipe`` in mode
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from cnnctl.errors import UnknownNameError, UsageError, known
@@ -19,6 +21,90 @@ AUGMENTS = ("none", "crop", "crop-flip")  # crop: random shifts only (digits mus
 DEVICES = ("auto", "cpu", "cuda")
 AMP_DTYPES = ("bf16", "fp16")
 STREAM_MODES = ("auto", "memory", "stream")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    summary: str
+    shape: tuple[int, int, int] | None  # None: depends on the files (folder datasets)
+    num_classes: int | None
+    needs_download: bool
+
+
+# The datasets a config may name; data.py loads them.
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist-sample": DatasetInfo("mnist-sample", "embedded slice of real MNIST (12,000 train / "
+                                "2,000 test), offline, the default", (1, 28, 28), 10, False),
+    "mnist": DatasetInfo("mnist", "MNIST digits via torchvision (60k/10k)", (1, 28, 28), 10, True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST via torchvision (60k/10k)",
+                                 (1, 28, 28), 10, True),
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10 via torchvision (50k/10k)", (3, 32, 32), 10, True),
+    "folder:PATH": DatasetInfo("folder:PATH", "class-per-subfolder images; PATH/train + PATH/val "
+                               "(or test), or one folder split by --val-fraction", None, None, False),
+}
+
+
+def check_dataset_name(name: str) -> None:
+    if name.startswith("folder:"):
+        if not name[len("folder:"):]:
+            raise UnknownNameError("dataset 'folder:' needs a path, e.g. folder:./ants_bees")
+        return
+    if name not in DATASETS:
+        raise UnknownNameError(f"unknown dataset {name!r}; known: {known(DATASETS)}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting, written as click writes ranges (``0<=x<1``). The
+    CLI turns each into a click IntRange/FloatRange; ``validate`` checks API users' configs."""
+
+    min: float
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int if self.integer else (int, float)) or isinstance(value, bool):
+            return False
+        if value < self.min or (self.min_open and value == self.min):
+            return False
+        return self.max is None or value < self.max or (not self.max_open and value == self.max)
+
+    def check(self, name: str, value: object) -> None:
+        """A UsageError naming the setting, its value and this range, unless the value is in it."""
+        if value not in self:
+            kind = "an integer " if self.integer else ""
+            raise UsageError(f"{name}: {value!r} is not {kind}in the range {self}")
+
+    def __str__(self) -> str:
+        if self.max is None:
+            return f"x{'>' if self.min_open else '>='}{self.min:g}"
+        return (f"{self.min:g}{'<' if self.min_open else '<='}x"
+                f"{'<' if self.max_open else '<='}{self.max:g}")
+
+
+# Every numeric setting a user can get out of range; None (where a field allows it) means "default".
+RANGES: dict[str, Range] = {
+    "epochs": Range(1, integer=True),
+    "min_steps": Range(0, integer=True),
+    "batch_size": Range(1, integer=True),
+    "eval_batch_size": Range(1, integer=True),
+    "max_steps_per_epoch": Range(1, integer=True),
+    "nproc": Range(1, integer=True),
+    "workers": Range(0, integer=True),
+    "lr": Range(0, min_open=True),
+    "momentum": Range(0, 1, max_open=True),
+    "weight_decay": Range(0),
+    "label_smoothing": Range(0, 1, max_open=True),
+    "gamma": Range(0, 1, min_open=True),
+    "val_fraction": Range(0, 1, min_open=True, max_open=True),
+}
+
+# What a resumed run may change: how it runs, never what it computes.
+RESUMABLE = ("device", "progress", "tensorboard", "plot", "workers")
 
 
 @dataclass(frozen=True)
@@ -63,6 +149,9 @@ class TrainConfig:
     progress: bool = True
     nproc: int = 1  # processes the launcher starts (torchrun); the loop reads WORLD_SIZE instead
 
+    def __post_init__(self) -> None:
+        validate(self)  # a TrainConfig is valid from the moment it exists: checked here, once
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
@@ -81,6 +170,10 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def resumed_with(self, current: "TrainConfig", out: str) -> "TrainConfig":
+        """This (saved) configuration, with ``current``'s RESUMABLE settings, writing to ``out``."""
+        return self.replace(out=out, **{name: getattr(current, name) for name in RESUMABLE})
+
 
 _RECIPE_FIELDS = ("epochs", "min_steps", "batch_size", "lr", "optimizer", "schedule", "momentum",
                   "weight_decay", "label_smoothing", "milestones", "gamma", "augment")
@@ -88,7 +181,7 @@ _RECIPE_FIELDS = ("epochs", "min_steps", "batch_size", "lr", "optimizer", "sched
 
 def from_flags(model: str, **flags: Any) -> TrainConfig:
     """A config for ``model``: flags that are None take the model's recipe, then TrainConfig's
-    defaults. Validates everything a user can get wrong before any data is read."""
+    defaults. Like every TrainConfig, it is validated before any data is read."""
     from cnnctl.training.models import get_spec
 
     spec = get_spec(model)
@@ -103,9 +196,7 @@ def from_flags(model: str, **flags: Any) -> TrainConfig:
     for key in ("milestones", "crop_padding"):
         if key in values:
             values[key] = tuple(int(v) for v in values[key])
-    config = TrainConfig(**values)
-    validate(config)
-    return config
+    return TrainConfig(**values)
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -114,7 +205,7 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def validate(config: TrainConfig) -> None:
-    from cnnctl.training.data import check_dataset_name
+    """Raise a UsageError naming the first bad setting and what is allowed."""
     from cnnctl.training.models import get_spec
 
     get_spec(config.model)
@@ -125,33 +216,14 @@ def validate(config: TrainConfig) -> None:
     _check_choice("device", config.device, DEVICES)
     _check_choice("amp dtype", config.amp_dtype, AMP_DTYPES)
     _check_choice("stream mode", config.stream, STREAM_MODES)
-    for name in ("epochs", "batch_size", "eval_batch_size", "nproc"):
+    for name, allowed in RANGES.items():
         value = getattr(config, name)
-        if name == "eval_batch_size" and value is None:
-            continue
-        if not isinstance(value, int) or value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if value is None and TrainConfig.__dataclass_fields__[name].default is None:
+            continue  # unset: the default applies
+        allowed.check(name, value)
     if config.batch_size % config.nproc:  # checked again in each rank against WORLD_SIZE
         raise UsageError(f"--batch-size {config.batch_size} (global) must be divisible by "
                          f"--nproc {config.nproc}")
-    if config.min_steps < 0:
-        raise UsageError(f"min_steps must be ≥ 0, got {config.min_steps}")
-    if config.max_steps_per_epoch is not None and config.max_steps_per_epoch <= 0:
-        raise UsageError(f"max_steps_per_epoch must be positive, got {config.max_steps_per_epoch}")
-    if not config.lr > 0:
-        raise UsageError(f"--lr must be positive, got {config.lr}")
-    if config.momentum < 0 or config.momentum >= 1:
-        raise UsageError(f"--momentum must be in [0, 1), got {config.momentum}")
-    if config.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be ≥ 0, got {config.weight_decay}")
-    if not 0 <= config.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    if not 0 < config.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
-    if not 0 < config.gamma <= 1:
-        raise UsageError(f"gamma must be in (0, 1], got {config.gamma}")
-    if config.workers < 0:
-        raise UsageError(f"--workers must be ≥ 0, got {config.workers}")
     if any(p < 0 for p in config.crop_padding) or len(config.crop_padding) != 4:
         raise UsageError(f"crop padding must be 4 non-negative ints, got {config.crop_padding}")
     if config.freeze_features and config.model != "vgg16":

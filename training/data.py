@@ -1,9 +1,11 @@
-"""Datasets, decoded once into uint8 tensors.
+"""Datasets, decoded once into uint8 tensors, and the sources the loop draws batches from.
 
-Every dataset ends up as one ``ImageData``: an N×C×H×W uint8 tensor plus int64 labels. The training
-loop moves it to the device once and normalises/augments whole batches there (see loop.py), so no
-per-item Python transform ever runs in the hot loop (airbench's approach; seed 002's
-ToTensor+Normalize per item through a DataLoader is what ``bench/train_speed.py`` compares against).
+Every dataset ends up as one ``ImageData``: an N×C×H×W uint8 tensor plus int64 labels. A
+``MemorySource`` moves it to the device once and the loop normalises/augments whole batches there
+(transforms.py), so no per-item Python transform ever runs in the hot loop (airbench's approach;
+seed 002's ToTensor+Normalize per item through a DataLoader is what ``bench/train_speed.py``
+compares against). Folders too large for memory stream through DataLoader workers instead
+(``StreamSource``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from cnnctl.errors import DataError, ShapeError, UnknownNameError, known
+from cnnctl.errors import DataError, ShapeError, UnknownNameError, UsageError, known
+from cnnctl.files import write_atomic_with
+from cnnctl.training.config import (DATASETS, RANGES, SPLITS, TrainConfig,
+                                    check_dataset_name)
+from cnnctl.training.models import format_shape
 
 log = logging.getLogger(__name__)
 
@@ -54,47 +60,14 @@ class ImageData:
         return replace(self, images=self.images[index], labels=self.labels[index])
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    summary: str
-    shape: tuple[int, int, int] | None  # None: depends on the files (folder datasets)
-    num_classes: int | None
-    needs_download: bool
-
-
 _MNIST_NORM = ((0.1307,), (0.3081,))  # the seeds' Normalize((0.1307,), (0.3081,))
 _FASHION_NORM = ((0.2860,), (0.3530,))
 _CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist-sample": DatasetInfo("mnist-sample", "embedded slice of real MNIST (12,000 train / "
-                                "2,000 test), offline, the default", (1, 28, 28), 10, False),
-    "mnist": DatasetInfo("mnist", "MNIST digits via torchvision (60k/10k)", (1, 28, 28), 10, True),
-    "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST via torchvision (60k/10k)",
-                                 (1, 28, 28), 10, True),
-    "cifar10": DatasetInfo("cifar10", "CIFAR-10 via torchvision (50k/10k)", (3, 32, 32), 10, True),
-    "folder:PATH": DatasetInfo("folder:PATH", "class-per-subfolder images; PATH/train + PATH/val "
-                               "(or test), or one folder split by --val-fraction", None, None, False),
-}
 
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cnnctl" / "data"
-
-
-def dataset_names() -> list[str]:
-    return list(DATASETS)
-
-
-def check_dataset_name(name: str) -> None:
-    if name.startswith("folder:"):
-        if not name[len("folder:"):]:
-            raise UnknownNameError("dataset 'folder:' needs a path, e.g. folder:./ants_bees")
-        return
-    if name not in DATASETS:
-        raise UnknownNameError(f"unknown dataset {name!r}; known: {known(DATASETS)}")
 
 
 # --- the embedded sample ---------------------------------------------------------------------
@@ -312,15 +285,14 @@ def _folder(path: str, split: str, shape: tuple[int, int, int], val_fraction: fl
     mean, std = _stats(images)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        torch.save({"images": images, "labels": labels, "mean": list(mean), "std": list(std)}, tmp)
-        os.replace(tmp, cache)
+        write_atomic_with(cache, lambda f: torch.save(
+            {"images": images, "labels": labels, "mean": list(mean), "std": list(std)}, f))
     except OSError as exc:
         log.warning("could not cache decoded folder in %s (%s)", cache.parent, exc)
     return ImageData(images, labels, classes, mean, std, f"folder:{path}")
 
 
-# --- the entry point -------------------------------------------------------------------------
+# --- the entry points ------------------------------------------------------------------------
 
 
 def load_split(
@@ -340,28 +312,15 @@ def load_split(
     converted and resized to; built-in datasets keep their native shape. ``stream`` (folder
     datasets): "memory" decodes everything, "stream" returns a StreamedData read batch by batch,
     "auto" streams only what would not fit in a quarter of the available memory."""
-    check_dataset_name(name)
-    if split not in ("train", "val", "test"):
-        raise UnknownNameError(f"unknown split {split!r}; known: train, val, test")
-    if not 0.0 < val_fraction < 1.0:
-        raise ShapeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    _check_request(name, val_fraction)
+    if split not in SPLITS:
+        raise UnknownNameError(f"unknown split {split!r}; known: {known(SPLITS)}")
     if name.startswith("folder:"):
-        if shape is None:
-            raise ShapeError("a folder dataset needs the model's input shape to decode into")
-        return _folder(name[len("folder:"):], split, shape, val_fraction, seed, stream)
-    loader: Callable[[str], ImageData]
-    if name == "mnist-sample":
-        loader = _load_sample
-    else:
-        root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-        loader = lambda s: _torchvision(name, s, root, download)  # noqa: E731
+        return _folder_split(name, split, shape, val_fraction, seed, stream)
     if split == "test":
-        return loader("test")
-    full = loader("train")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(full), generator=g)
-    n_val = int(round(len(full) * val_fraction))
-    return full.subset(order[n_val:] if split == "train" else order[:n_val])
+        return _builtin(name, "test", data_dir, download)
+    train, val = _hold_out(_builtin(name, "train", data_dir, download), val_fraction, seed)
+    return train if split == "train" else val
 
 
 def load_train_val(
@@ -374,31 +333,169 @@ def load_train_val(
     stream: str = "memory",
 ) -> tuple[ImageData | StreamedData, ImageData | StreamedData]:
     """``load_split(..., "train")`` and ``load_split(..., "val")`` with the training split read
-    once (MNIST's 47 MB of idx files parse in about a second on this machine)."""
-    check_dataset_name(name)
+    once (MNIST's 47 MB of idx files take about a second to parse)."""
+    _check_request(name, val_fraction)
     if name.startswith("folder:"):
-        kwargs = dict(data_dir=data_dir, download=download, shape=shape,
-                      val_fraction=val_fraction, seed=seed, stream=stream)
-        return load_split(name, "train", **kwargs), load_split(name, "val", **kwargs)  # type: ignore[arg-type]
-    if not 0.0 < val_fraction < 1.0:
-        raise ShapeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        return (_folder_split(name, "train", shape, val_fraction, seed, stream),
+                _folder_split(name, "val", shape, val_fraction, seed, stream))
+    return _hold_out(_builtin(name, "train", data_dir, download), val_fraction, seed)
+
+
+def _check_request(name: str, val_fraction: float) -> None:
+    check_dataset_name(name)
+    RANGES["val_fraction"].check("val_fraction", val_fraction)
+
+
+def _builtin(name: str, split: str, data_dir: str | os.PathLike[str] | None,
+             download: bool) -> ImageData:
     if name == "mnist-sample":
-        full = _load_sample("train")
-    else:
-        root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-        full = _torchvision(name, "train", root, download)
+        return _load_sample(split)
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    return _torchvision(name, split, root, download)
+
+
+def _folder_split(name: str, split: str, shape: tuple[int, int, int] | None, val_fraction: float,
+                  seed: int, stream: str) -> ImageData | StreamedData:
+    if shape is None:
+        raise ShapeError("a folder dataset needs the model's input shape to decode into")
+    return _folder(name[len("folder:"):], split, shape, val_fraction, seed, stream)
+
+
+def _hold_out(full: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """(train, val): a reproducible ``val_fraction`` of the training split held out."""
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(full) * val_fraction))
     return full.subset(order[n_val:]), full.subset(order[:n_val])
 
 
-def check_compatible(model_name: str, model_shape: tuple[int, int, int], data: ImageData) -> None:
+def load_for_training(config: TrainConfig, input_shape: tuple[int, int, int]
+                      ) -> tuple[ImageData | StreamedData, ImageData | StreamedData]:
+    """The training and validation splits ``config`` asks for, checked against the model's input."""
+    info = DATASETS.get(config.dataset)
+    if info is not None and info.shape is not None and info.shape[0] != input_shape[0]:
+        # Before reading anything: a channel mismatch is known from the dataset's description.
+        raise UsageError(
+            f"model {config.model} expects {format_shape(input_shape)} input; dataset "
+            f"{config.dataset} gives {format_shape(info.shape)}"
+        )
+    # The validation slice is fixed (seed 0), not tied to --seed: runs with different seeds are
+    # selected on the same held-out images.
+    train_data, val_data = load_train_val(
+        config.dataset, data_dir=config.data_dir, shape=input_shape,
+        val_fraction=config.val_fraction, seed=0, stream=config.stream)
+    check_compatible(config.model, input_shape, train_data)
+    if len(val_data.class_names) != len(train_data.class_names):
+        raise UsageError(f"dataset {config.dataset}: the validation split has classes "
+                         f"{val_data.class_names}, the training split {train_data.class_names}")
+    return train_data, val_data
+
+
+def check_compatible(model_name: str, model_shape: tuple[int, int, int],
+                     data: ImageData | StreamedData) -> None:
     """A dataset whose channel count differs from the model's is an error before training starts;
     a different image size is resized per batch (seed 003: resize MNIST to 32×32 for LeNet-5)."""
-    from cnnctl.training.models import format_shape
-
     if data.shape[0] != model_shape[0]:
         raise ShapeError(
             f"model {model_name} expects {format_shape(model_shape)} input; dataset {data.name} "
             f"gives {format_shape(data.shape)}"
         )
+
+
+# --- batch sources: what the loop and evaluate draw batches from -------------------------------
+
+
+class _Source:
+    """Shared batching logic: a per-epoch permutation from the seed, sharded across ranks."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def steps(self, batch_size: int, world: int) -> int:
+        """Full batches per rank (the remainder is dropped; it differs each epoch)."""
+        per_rank = len(self) // world
+        return max(1, per_rank // batch_size)
+
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        # A permutation drawn from (seed, epoch) alone: every rank draws the same one, and a resumed
+        # run draws the same one as the uninterrupted run, without saving any data-loader state.
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=g)
+
+    def shard(self, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+        order = self.epoch_order(seed, epoch)
+        per_rank = len(self) // world
+        return order[: per_rank * world][rank::world]
+
+    @staticmethod
+    def eval_range(n: int, rank: int, world: int) -> range:
+        return range(n * rank // world, n * (rank + 1) // world)
+
+
+class MemorySource(_Source):
+    """A split held as one uint8 tensor on the device; batches are index slices."""
+
+    def __init__(self, data: ImageData, device: torch.device) -> None:
+        self.images = data.images.to(device, non_blocking=True)
+        self.labels = data.labels.to(device, non_blocking=True)
+        self.device = device
+
+    def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
+                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine = self.shard(seed, epoch, rank, world).to(self.device)
+        for i in range(steps):
+            index = mine[i * batch_size:(i + 1) * batch_size]
+            yield self.images[index], self.labels[index]
+
+    def eval_batches(self, batch_size: int, rank: int, world: int
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        span = self.eval_range(len(self), rank, world)
+        for i in range(span.start, span.stop, batch_size):
+            j = min(i + batch_size, span.stop)
+            yield self.images[i:j], self.labels[i:j]
+
+    def sample(self, k: int) -> torch.Tensor:
+        return self.images[:k]
+
+
+class StreamSource(_Source):
+    """A folder too large for memory: DataLoader workers decode and resize, batches arrive as uint8
+    in pinned memory and are copied without blocking; the device does the rest as for MemorySource."""
+
+    def __init__(self, data: StreamedData, device: torch.device, workers: int) -> None:
+        self.dataset = data.dataset
+        self.labels = data.labels
+        self.device = device
+        self.workers = workers
+
+    def _load(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+    def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
+                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine = self.shard(seed, epoch, rank, world).tolist()
+        return self._load([mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
+
+    def eval_batches(self, batch_size: int, rank: int, world: int
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        span = self.eval_range(len(self), rank, world)
+        return self._load([list(range(i, min(i + batch_size, span.stop)))
+                           for i in range(span.start, span.stop, batch_size)])
+
+    def sample(self, k: int) -> torch.Tensor:
+        return torch.stack([self.dataset[i][0] for i in range(min(k, len(self)))]).to(self.device)
+
+
+Source = MemorySource | StreamSource
+
+
+def make_source(data: ImageData | StreamedData, device: torch.device, workers: int = 2) -> Source:
+    if isinstance(data, StreamedData):
+        return StreamSource(data, device, workers)
+    return MemorySource(data, device)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from cnnctl.files import write_atomic
 from cnnctl.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,13 @@ log = logging.getLogger(__name__)
 
 def launch(config: TrainConfig, resume: str | os.PathLike[str] | None = None) -> int:
     """Run ``config`` in ``config.nproc`` processes on this machine; returns torchrun's exit code."""
-    from cnnctl.training.loop import new_run_dir
+    from cnnctl.training.rundir import new_run_dir
 
     run_dir = Path(resume) if resume else Path(config.out or new_run_dir(config.model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(out=str(run_dir))
-    spec_path = run_dir / "launch.json"
-    spec_path.write_text(json.dumps({"config": config.to_dict(),
-                                     "resume": str(resume) if resume else None}) + "\n")
+    spec_path = write_atomic(run_dir / "launch.json", json.dumps(
+        {"config": config.to_dict(), "resume": str(resume) if resume else None}) + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={config.nproc}", "-m", "cnnctl.training.distributed", str(spec_path)]
     env = dict(os.environ)
@@ -49,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     import click
 
     from cnnctl.errors import CnnctlError
-    from cnnctl.training.commands import _echo_callbacks
+    from cnnctl.training.echo import echo_callbacks, echo_result
     from cnnctl.training.loop import train
 
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text())
-    config = TrainConfig.from_dict(spec["config"])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        result = train(config, callbacks=_echo_callbacks(), resume=spec.get("resume"))
+        config = TrainConfig.from_dict(spec["config"])
+        result = train(config, callbacks=echo_callbacks(), resume=spec.get("resume"))
     except CnnctlError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2
@@ -66,21 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", 0)) == 0 and result.history:
-        click.echo(f"best val acc {100 * result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
-                   f"{result.history[-1].elapsed_s:.1f}s")
-        click.echo(f"best checkpoint: {result.best_path}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        echo_result(result)
     return 0
 
 
 def leave_worker(code: int) -> NoReturn:
-    """End a torchrun worker whose work is done (checkpoints written, output printed) without
-    the interpreter's teardown. In ~1 of 16 runs of ``cnnctl train --nproc 2`` on CPU (gloo) a
-    rank that had finished and destroyed its process group was killed at exit by a C++
-    std::terminate ("terminate called without an active exception", what libstdc++ prints when,
-    e.g., a still-running native thread's handle is destroyed; which one was not looked into),
-    so torchrun reported the whole run failed. Leaving with os._exit after flushing what Python
-    holds skips that teardown: 0 failures in 40 runs after, 1 in 17 before."""
+    """End a torchrun worker whose work is done (checkpoints written, output printed) without the
+    interpreter's teardown, where a finished gloo rank was sometimes killed by a C++
+    std::terminate and torchrun reported the whole run failed (docs/training.md)."""
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -19,10 +19,13 @@ def prepare_batch(
     std: Sequence[float],
     size: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """uint8 N×C×H×W (any device) → float N×C×size normalised with ``mean``/``std`` (per channel, on
     pixels scaled to [0, 1]). ``size`` (H, W) resizes bilinearly when it differs from the images'
-    (seed 003 feeds 28×28 MNIST to the 32×32 LeNet-5 this way)."""
+    (seed 003 feeds 28×28 MNIST to the 32×32 LeNet-5 this way). ``channels_last``: in the NHWC
+    layout of a model converted to it."""
     if images_uint8.dim() != 4:
         raise ValueError(f"expected N×C×H×W images, got shape {tuple(images_uint8.shape)}")
     x = images_uint8.to(dtype).div_(255.0)
@@ -33,7 +36,8 @@ def prepare_batch(
     s = torch.as_tensor(list(std), dtype=dtype, device=x.device)
     if m.numel() == 1 and channels > 1:
         m, s = m.expand(channels), s.expand(channels)
-    return x.sub_(m.view(1, -1, 1, 1)).div_(s.view(1, -1, 1, 1))
+    x = x.sub_(m.view(1, -1, 1, 1)).div_(s.view(1, -1, 1, 1))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def crop_flip(

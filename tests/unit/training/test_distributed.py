@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from cnnctl.training.checkpoint import load_checkpoint, model_from_checkpoint
-from cnnctl.training.data import load_split
-from cnnctl.training.loop import MemorySource
+from cnnctl.training.data import MemorySource, load_split
 
 _WORKER = textwrap.dedent("""
     import os, sys, torch

@@ -14,8 +14,8 @@ import torch
 
 from cnnctl.training import data as data_mod
 from cnnctl.training.config import from_flags
-from cnnctl.training.data import ImageData, StreamedData, load_split
-from cnnctl.training.loop import MemorySource, StreamSource, train
+from cnnctl.training.data import ImageData, MemorySource, StreamedData, StreamSource, load_split
+from cnnctl.training.loop import train
 
 
 def test_streamed_batches_equal_in_memory_batches(image_folder: Callable[..., Path]) -> None:

@@ -9,7 +9,8 @@ import torch
 
 from cnnctl.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnctl.training.config import from_flags
-from cnnctl.training.loop import cpu_bf16_works, resolve_precision, select_device, train
+from cnnctl.training.device import cpu_bf16_works, resolve_precision, select_device
+from cnnctl.training.loop import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -29,10 +30,10 @@ def test_cpu_amp_is_bf16_or_falls_back() -> None:
 
 def test_cpu_amp_without_native_bf16_says_so_and_trains_fp32(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import cnnctl.training.loop as loop
+    import cnnctl.training.device as device
 
-    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: False)
-    with caplog.at_level("WARNING", logger=loop.log.name):
+    monkeypatch.setattr(device, "cpu_bf16_native", lambda: False)
+    with caplog.at_level("WARNING", logger=device.log.name):
         p = resolve_precision(from_flags("resnet-mini", amp=True), torch.device("cpu"))
     assert (p.amp, p.dtype) == (False, None)
     assert "no native bf16" in caplog.text and "float32" in caplog.text
@@ -40,11 +41,11 @@ def test_cpu_amp_without_native_bf16_says_so_and_trains_fp32(
 
 def test_cpu_amp_whose_trial_conv_fails_says_that(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import cnnctl.training.loop as loop
+    import cnnctl.training.device as device
 
-    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
-    monkeypatch.setattr(loop, "cpu_bf16_works", lambda: False)
-    with caplog.at_level("WARNING", logger=loop.log.name):
+    monkeypatch.setattr(device, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(device, "cpu_bf16_works", lambda: False)
+    with caplog.at_level("WARNING", logger=device.log.name):
         p = resolve_precision(from_flags("resnet-mini", amp=True), torch.device("cpu"))
     assert (p.amp, p.dtype) == (False, None)
     assert "does not work" in caplog.text and "no native" not in caplog.text

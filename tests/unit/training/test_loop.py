@@ -12,7 +12,8 @@ import torch
 
 from cnnctl.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnctl.training.config import from_flags
-from cnnctl.training.loop import Callbacks, evaluate, train
+from cnnctl.training.evaluate import evaluate
+from cnnctl.training.loop import Callbacks, train
 from cnnctl.training.models import model_names
 from cnnctl.training.transforms import prepare_batch
 
