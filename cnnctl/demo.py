@@ -51,7 +51,7 @@ class DemoConfig:
 def _checkpoint_accuracy(checkpoint: Path, images: Any) -> float:
     """The trained checkpoint in eager PyTorch on the same held-out images."""
     from cnnctl.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from cnnctl.training.loop import evaluate
+    from cnnctl.training.evaluate import evaluate
 
     ckpt = load_checkpoint(checkpoint)
     net = model_from_checkpoint(ckpt, device="cpu")

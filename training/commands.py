@@ -18,17 +18,6 @@ from cnnctl.training.config import (AUGMENTS, DEVICES, OPTIMIZERS, RANGES, RESUM
                                     SPLITS, STREAM_MODES)
 
 
-class _Command(click.Command):
-    """A bad flag value is a UsageError like any other: one line and exit 2 from the CLI, where
-    click would print its usage block first."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise UsageError(exc.format_message()) from None
-
-
 def _range(name: str) -> click.ParamType:
     """The click type for a numeric TrainConfig field, from its entry in config.RANGES."""
     r = RANGES[name]
@@ -60,7 +49,7 @@ class _Ints(click.ParamType):
         return ints
 
 
-@click.command(cls=_Command)
+@click.command()
 @click.option("--model", "model", default=None, metavar="NAME",
               help="Model from `cnnctl models` (default resnet-mini).")
 @click.option("--dataset", default=None, metavar="NAME",
@@ -194,7 +183,7 @@ def _import_only(config: Any) -> None:
     click.echo(f"imported {config.state_dict} as {config.model}: {run_dir / 'best.pt'}")
 
 
-@click.command(cls=_Command)
+@click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dataset", default=None, help="Default: the dataset the checkpoint was trained on.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False))

@@ -108,12 +108,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("lazy", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="training/commands.py <-> training/distributed.py: the training "
-        "branch of issue 18 removes it; drop this mark when it lands")),
-])
+@pytest.mark.parametrize("lazy", [False, True])
 def test_no_import_cycles(lazy: bool) -> None:
     graph = import_graph(lazy)
     assert {"cnnctl.cli", "cnnctl.serving.server", "cnnctl.clients.client", "cnnctl.export.api",
