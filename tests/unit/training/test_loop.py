@@ -17,7 +17,10 @@ from cnnctl.training.loop import Callbacks, train
 from cnnctl.training.models import model_names
 from cnnctl.training.transforms import prepare_batch
 
-QUICK = dict(epochs=1, progress=False, plot=False, max_steps_per_epoch=3, batch_size=32)
+# The CPU loop, on any machine (tests/unit/training/test_gpu.py covers CUDA): the probes and
+# the expected device below are the CPU's.
+QUICK = dict(epochs=1, progress=False, plot=False, max_steps_per_epoch=3, batch_size=32,
+             device="cpu")
 
 # model -> (dataset kind, extra flags). 1-channel models train on the embedded MNIST sample (lenet5
 # resizes it 28→32 per batch); 3-channel ones on a folder of small JPEGs.
