@@ -17,10 +17,8 @@ from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
-from cnnctl.serving.codec import decode_request
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
-from cnnctl.serving.preprocess import decode_images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
 from cnnctl.serving.shm import SharedMemoryRegistry
@@ -273,20 +271,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model.metrics.request()
         try:
-            x = model.codec.tensor(request)
-            output_view = None
-            if x is None:  # the common shared-memory case, else full checks (images, errors...)
-                decoded = (model.codec.shm_tensor(request, self.shm)
-                           or decode_request(request, model.manifest, self.shm))
-                output_view = decoded.output_view
-                if decoded.images is not None:
-                    x = await asyncio.get_running_loop().run_in_executor(
-                        self._preprocess, decode_images, decoded.images, model.manifest.image,
-                        model.manifest.input.name)
-                else:
-                    x = decoded.tensor
+            x, images, output_view = model.codec.decode(request, self.shm)
+            if x is None:  # encoded images: decoding them is CPU work, kept off the event loop
+                x = await asyncio.get_running_loop().run_in_executor(
+                    self._preprocess, model.codec.preprocess, images)
             y = await model.infer(x, deadline)
-            response = model.codec.response(request, y, output_view)
+            response = model.codec.encode(request, y, output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise
