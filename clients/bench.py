@@ -98,7 +98,8 @@ def _progress(total_s: float, desc: str, enabled: bool) -> Any:
 def _requests(client: Any, info: Any, config: BenchConfig) -> list[Any]:
     """The requests the workers cycle through."""
     from cnnctl.clients import protocol
-    from cnnctl.clients.images import expand, list_images, preprocess, to_encoded
+    from cnnctl.clients.images import expand, list_images, to_encoded
+    from cnnctl.export.image import to_tensor
 
     if config.images_dir is None:
         rng = np.random.default_rng(config.seed)
@@ -113,8 +114,7 @@ def _requests(client: Any, info: Any, config: BenchConfig) -> list[Any]:
         if info.image is None:
             raise UsageError(f"model '{info.name}' publishes no image preprocessing; use the "
                              f"default preprocess='server'")
-        return [protocol.tensor_request(info, np.stack([preprocess(x, info.image) for x in g]))
-                for g in groups]
+        return [protocol.tensor_request(info, to_tensor(g, info.image)) for g in groups]
     return [protocol.bytes_request(info, [to_encoded(x) for x in g]) for g in groups]
 
 

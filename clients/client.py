@@ -36,9 +36,10 @@ import numpy as np
 from cnnctl.clients import protocol
 from cnnctl.clients.errors import (ClientError, DeadlineExceeded, Unavailable, error_for,
                                   from_rpc_error)
-from cnnctl.clients.images import ImageLike, expand, preprocess, to_encoded
+from cnnctl.clients.images import ImageLike, expand, to_encoded
 from cnnctl.clients.protocol import ModelInfo, Prediction
 from cnnctl.errors import ShapeError, UsageError
+from cnnctl.export.image import to_tensor
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -170,8 +171,7 @@ class _ClientBase:
                 raise UsageError(
                     f"model '{info.name}' does not publish its image preprocessing (ModelConfig "
                     f"parameter '{protocol.IMAGE_PARAMETER}'); use preprocess='server'")
-            arrays = [preprocess(item, info.image, f"image {i}") for i, item in enumerate(items)]
-            return self._tensor_requests(info, np.stack(arrays))
+            return self._tensor_requests(info, to_tensor(items, info.image))
         encoded = [to_encoded(item) for item in items]
         chunks = protocol.plan_chunks([len(e) + 4 for e in encoded], info.max_batch_size,
                                       self.max_message_bytes)

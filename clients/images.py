@@ -9,8 +9,8 @@ Two ways to send them (``Client(preprocess=...)``):
 - ``"server"`` (default): encoded images in a BYTES input; the server decodes, resizes and
   normalises them with the manifest's ImageSpec. Files and bytes travel as they are (no decode on
   the client at all); arrays and PIL images are PNG-encoded (lossless).
-- ``"client"``: decoded, resized and normalised here into float32 N×C×H×W, the exact steps of
-  serving/preprocess.py, using the ImageSpec the server publishes in ModelConfig.
+- ``"client"``: decoded, resized and normalised here into float32 N×C×H×W by the server's own
+  code (cnnctl.export.image.to_tensor), using the ImageSpec the server publishes in ModelConfig.
 
 Imports numpy and PIL only (PIL lazily): ``cnnctl predict`` must start without torch.
 """
@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from cnnctl.errors import ShapeError, UsageError
+from cnnctl.export.image import as_uint8
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
-
-    from cnnctl.export.manifest import ImageSpec
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, "PILImage.Image"]
 # One image after expansion: encoded bytes (as read or sent) or an H×W×C pixel array.
@@ -111,17 +110,11 @@ def _pil_pixels(img: PILImage.Image) -> PILImage.Image:
     return img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGB")
 
 
-def _as_uint8(pixels: np.ndarray) -> np.ndarray:
-    if pixels.dtype == np.uint8:
-        return pixels
-    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-
-
 def encode_png(pixels: np.ndarray) -> bytes:
     """H×W×C pixels → PNG bytes (lossless; compression level 1: speed over size)."""
     from PIL import Image
 
-    u8 = _as_uint8(pixels)
+    u8 = as_uint8(pixels)
     img = Image.fromarray(u8[:, :, 0] if u8.shape[2] == 1 else u8)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
@@ -135,37 +128,6 @@ def to_encoded(item: Item) -> bytes:
 def pack_bytes(elements: Sequence[bytes]) -> bytes:
     """KServe v2's raw BYTES layout: each element prefixed by its 4-byte little-endian length."""
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
-
-
-def preprocess(item: Item, spec: ImageSpec, what: str = "image") -> np.ndarray:
-    """One item → float32 C×H×W, the same steps (and results) as the server's decode_images."""
-    from PIL import Image, UnidentifiedImageError
-
-    mode = "L" if spec.channels == 1 else "RGB"
-    if isinstance(item, np.ndarray) and item.shape[:2] == (spec.height, spec.width) and (
-            item.shape[2] == spec.channels):
-        # Already the model's size and colour: no PIL round trip (and no float→uint8 rounding).
-        pixels = item.astype(np.float32) / 255.0 if item.dtype == np.uint8 else item
-    else:
-        try:
-            if isinstance(item, bytes):
-                img = Image.open(io.BytesIO(item))
-                img.load()
-            else:
-                u8 = _as_uint8(item)
-                img = Image.fromarray(u8[:, :, 0] if u8.shape[2] == 1 else u8)
-        except (UnidentifiedImageError, OSError) as exc:
-            reason = "unrecognised format" if isinstance(exc, UnidentifiedImageError) else str(exc)
-            raise UsageError(f"{what} ({len(item)} bytes) is not a decodable image "
-                             f"({reason})") from None
-        img = img.convert(mode)
-        if img.size != (spec.width, spec.height):
-            img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.float32) / 255.0
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    return ((chw - mean) / std).astype(np.float32, copy=False)
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

@@ -21,13 +21,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cnnctl.errors import UsageError
-from cnnctl.export.manifest import ImageSpec
+from cnnctl.export.image import ImageSpec
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import model_config_pb2 as mc
 
@@ -67,9 +67,7 @@ class ModelInfo:
                       "shape": list(self.input_shape)},
             "output": {"name": self.output_name, "shape": list(self.output_shape)},
             "max_batch_size": self.max_batch_size, "class_names": list(self.class_names),
-            "image": None if self.image is None else {
-                "channels": self.image.channels, "height": self.image.height,
-                "width": self.image.width, "mean": self.image.mean, "std": self.image.std},
+            "image": None if self.image is None else asdict(self.image),
             "parameters": self.parameters,
         }
 

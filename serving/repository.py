@@ -19,7 +19,7 @@ import numpy as np
 from cnnctl.errors import ArtifactError, NotFoundError, UsageError, known
 from cnnctl.export.manifest import MANIFEST_NAME, Manifest, load_manifest
 from cnnctl.serving.batcher import Batcher
-from cnnctl.serving.codec import FastCodec
+from cnnctl.serving.codec import Codec
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.metrics import ModelMetrics, ServerMetrics
 from cnnctl.serving.runtime import CUDA, OrtModel
@@ -53,7 +53,7 @@ class LoadedModel:
     runtime: OrtModel
     batcher: Batcher
     metrics: ModelMetrics
-    codec: FastCodec
+    codec: Codec
     ready: bool = False
 
     async def infer(self, x: np.ndarray, deadline: float | None) -> np.ndarray:
@@ -95,7 +95,7 @@ class ModelRepository:
             batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
                               config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
-                                      batcher, model_metrics, FastCodec(manifest)))
+                                      batcher, model_metrics, Codec(manifest)))
             log.info("loaded %s version %s from %s (%s, %s, %d intra-op threads)", manifest.name,
                      manifest.version, d, runtime.info.provider, runtime.info.precision,
                      runtime.info.intra_op_threads)

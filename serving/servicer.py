@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -17,10 +19,8 @@ from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
-from cnnctl.serving.codec import decode_request
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
-from cnnctl.serving.preprocess import decode_images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
 from cnnctl.serving.shm import SharedMemoryRegistry
@@ -34,6 +34,23 @@ _NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
 _STREAM_REFUSED = "the server is shutting down; this stream takes no more requests"
 _END, _STOP = object(), object()  # in a stream's answer queue: all answered; shutting down
 T = TypeVar("T")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]
+
+
+def _status_on_error(handler: Handler[T]) -> Handler[T]:
+    """The RPC handler (anything that returns an awaitable), its failures answered with the
+    status their exception maps to (serving/errors.py): every error leaves a handler this way."""
+
+    @functools.wraps(handler)
+    async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return rpc
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -109,9 +126,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=model.ready and not self.draining)
 
+    @_status_on_error
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        model = await self._model(request.name, request.version, context)
+        model = self.repo.get(request.name, request.version)
         versions = [m.version for m in self.repo if m.name == model.name]
         man = model.manifest
         return pb.ModelMetadataResponse(
@@ -121,15 +139,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[pb.ModelMetadataResponse.TensorMetadata(
                 name=man.output.name, datatype=man.output.datatype, shape=man.output.shape)])
 
+    @_status_on_error
     async def ModelConfig(self, request: pb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        model = await self._model(request.name, request.version, context)
+        model = self.repo.get(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config(model, self.config))
 
+    @_status_on_error
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         if request.name:
-            await self._model(request.name, request.version, context)  # NOT_FOUND if unknown
+            self.repo.get(request.name, request.version)  # NOT_FOUND if unknown
         chosen = [m for m in self.repo if (not request.name or m.name == request.name)
                   and (not request.version or m.version == request.version)]
         return pb.ModelStatisticsResponse(model_stats=[m.metrics.statistics() for m in chosen])
@@ -146,57 +166,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return index
 
     # -- system shared memory (serving/shm.py)
+    @_status_on_error
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.SystemSharedMemoryStatusResponse:
-        regions = await self._shm_call(lambda shm: shm.status(request.name), context)
+        regions = self._registry().status(request.name)
         out = pb.SystemSharedMemoryStatusResponse()
         for r in regions:
             out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
                 name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
         return out
 
+    @_status_on_error
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
-        region = await self._shm_call(lambda shm: shm.register(
-            request.name, request.key, request.offset, request.byte_size), context)
+        region = self._registry().register(request.name, request.key, request.offset,
+                                           request.byte_size)
         log.info("registered shared-memory region '%s' (key %s, offset %d, %d bytes)",
                  region.name, region.key, region.offset, region.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
+    @_status_on_error
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext
                                            ) -> pb.SystemSharedMemoryUnregisterResponse:
-        await self._shm_call(lambda shm: shm.unregister(request.name), context)
+        self._registry().unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    async def _shm_call(self, fn: Callable[[SharedMemoryRegistry], T],
-                        context: grpc.aio.ServicerContext) -> T:
-        def call() -> T:
-            if self.shm is None:
-                raise NotEnabledError("system shared memory is off; start cnnctl serve with "
-                                      "--allow-shared-memory to register regions")
-            return fn(self.shm)
-
-        return await _or_abort(call, context)
+    def _registry(self) -> SharedMemoryRegistry:
+        if self.shm is None:
+            raise NotEnabledError("system shared memory is off; start cnnctl serve with "
+                                  "--allow-shared-memory to register regions")
+        return self.shm
 
     # -- inference
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    @_status_on_error
+    def ModelInfer(self, request: pb.ModelInferRequest,
+                   context: grpc.aio.ServicerContext) -> Awaitable[pb.ModelInferResponse]:
+        # Not async: infer's own coroutine is awaited by the wrapper, one coroutine less per
+        # request on the event loop.
         remaining = context.time_remaining()
         deadline = None
         if remaining is not None and remaining < _NO_DEADLINE_S:
             deadline = asyncio.get_running_loop().time() + remaining
-        self._enter()
-        try:
-            return await self.infer(request, deadline)
-        except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
-            code, message = status_for(exc)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
-        finally:
-            self._leave()
+        return self.infer(request, deadline)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
@@ -214,7 +228,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         waiting: set[asyncio.Task[None]] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
-            self._enter()
             try:
                 answer = pb.ModelStreamInferResponse(
                     infer_response=await self.infer(req, None, accepted=True))
@@ -224,7 +237,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=message, infer_response=pb.ModelInferResponse(
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
             finally:
-                self._leave()
                 # Itself, directly: a done callback would cost every request one more loop step.
                 waiting.discard(asyncio.current_task())  # type: ignore[arg-type]
             answers.put_nowait(answer)
@@ -272,40 +284,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repo.get(request.model_name, request.model_version)
         start = time.perf_counter()
         model.metrics.request()
+        self._enter()
         try:
-            x = model.codec.tensor(request)
-            output_view = None
-            if x is None:  # the common shared-memory case, else full checks (images, errors...)
-                decoded = (model.codec.shm_tensor(request, self.shm)
-                           or decode_request(request, model.manifest, self.shm))
-                output_view = decoded.output_view
-                if decoded.images is not None:
-                    x = await asyncio.get_running_loop().run_in_executor(
-                        self._preprocess, decode_images, decoded.images, model.manifest.image,
-                        model.manifest.input.name)
-                else:
-                    x = decoded.tensor
+            x, images, output_view = model.codec.decode(request, self.shm)
+            if x is None:  # encoded images: decoding them is CPU work, kept off the event loop
+                x = await asyncio.get_running_loop().run_in_executor(
+                    self._preprocess, model.codec.preprocess, images)
             y = await model.infer(x, deadline)
-            response = model.codec.response(request, y, output_view)
+            response = model.codec.encode(request, y, output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise
+        finally:
+            self._leave()
         model.metrics.succeeded(time.perf_counter() - start)
         return response
-
-    async def _model(self, name: str, version: str,
-                     context: grpc.aio.ServicerContext) -> LoadedModel:
-        return await _or_abort(lambda: self.repo.get(name, version), context)
-
-
-async def _or_abort(fn: Callable[[], T], context: grpc.aio.ServicerContext) -> T:
-    """``fn()``, or the RPC aborted with the status its exception maps to (serving/errors.py)."""
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
-        code, message = status_for(exc)
-        await context.abort(code, message)
-        raise  # unreachable: abort raises
 
 
 def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
@@ -332,7 +325,5 @@ def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
     out.parameters["model"].string_value = man.model
     # What a client needs to label results and preprocess on its side (clients/protocol.py).
     out.parameters["class_names"].string_value = json.dumps(man.class_names)
-    out.parameters["image"].string_value = json.dumps({
-        "channels": man.image.channels, "height": man.image.height, "width": man.image.width,
-        "mean": man.image.mean, "std": man.image.std})
+    out.parameters["image"].string_value = json.dumps(dataclasses.asdict(man.image))
     return out

@@ -21,8 +21,8 @@ from cnnctl.clients import errors
 from cnnctl.clients.client import AsyncClient, Client, parse_url
 from cnnctl.clients.images import encode_png, expand
 from cnnctl.errors import ShapeError, UsageError
+from cnnctl.export.image import to_tensor
 from cnnctl.export.manifest import load_manifest
-from cnnctl.serving.preprocess import decode_images
 from tests.support.serving import config_for
 
 from .conftest import ServerThread
@@ -31,7 +31,7 @@ from .conftest import ServerThread
 def _server_view(artifact: Path, images: np.ndarray) -> np.ndarray:
     """What the server computes from these uint8 digits: its own PNG decoding + normalisation."""
     spec = load_manifest(artifact).image
-    return decode_images([encode_png(x) for x in expand(list(images))], spec, "input")
+    return to_tensor([encode_png(x) for x in expand(list(images))], spec)
 
 
 def _count_infers(client: Any) -> list[int]:

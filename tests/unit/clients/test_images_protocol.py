@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -11,12 +12,13 @@ import pytest
 from PIL import Image
 
 from cnnctl.clients import errors, protocol
-from cnnctl.clients.images import encode_png, expand, pack_bytes, preprocess
+from cnnctl.clients.client import _ClientBase
+from cnnctl.clients.images import encode_png, expand, pack_bytes
 from cnnctl.errors import NotFoundError, ShapeError, UsageError
-from cnnctl.export.manifest import ImageSpec
+from cnnctl.export.manifest import ImageSpec, Manifest, TensorSpec
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import model_config_pb2 as mc
-from cnnctl.serving.preprocess import decode_images, split_bytes_tensor
+from cnnctl.serving.codec import Codec, split_bytes_tensor
 
 SPEC = ImageSpec(channels=1, height=32, width=32, mean=[0.1307], std=[0.3081])
 
@@ -58,20 +60,48 @@ def test_png_is_lossless_and_bytes_layout_matches_the_server(digits: np.ndarray)
     assert split_bytes_tensor(pack_bytes([b"ab", b"", png]), "input") == [b"ab", b"", png]
 
 
-@pytest.mark.parametrize("kind", ["uint8", "float", "png", "resize-rgb"])
-def test_client_preprocess_equals_the_servers(digits: np.ndarray, kind: str) -> None:
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float", "uint8 32", "float 32", "png", "jpeg rgb",
+                                  "rgb array", "pil rgba"])
+def test_client_and_server_preprocessing_give_identical_tensors(digits: np.ndarray,
+                                                                kind: str) -> None:
+    """The same images preprocessed by the client (preprocess="client", sent as a tensor) or sent
+    as they are and preprocessed by the server: the model gets the same tensor, bit for bit."""
     img = digits[1]
-    if kind == "uint8":
-        item = expand(img)[0]
-    elif kind == "float":
-        item = expand(img.astype(np.float32) / 255)[0]
-    elif kind == "png":
-        item = encode_png(expand(img)[0])
-    else:
-        item = np.repeat(expand(img)[0], 3, axis=2)  # RGB at 28×28: convert + resize on both sides
-    ours = preprocess(item, SPEC)
-    theirs = decode_images([item if isinstance(item, bytes) else encode_png(item)], SPEC, "input")
-    np.testing.assert_allclose(ours, theirs[0], atol=1e-5)
+    padded = np.pad(img, 2)  # 32×32: the model's size, no resize on either side
+    images = {
+        "uint8": img, "float": img.astype(np.float32) / 255, "uint8 32": padded,
+        "float 32": padded.astype(np.float32) / 255, "png": encode_png(expand(img)[0]),
+        "jpeg rgb": _jpeg(np.stack([img, img // 2, 255 - img], axis=2)),
+        "rgb array": np.stack([img, 255 - img, img], axis=2),  # converted and resized
+        "pil rgba": Image.fromarray(np.stack([img] * 4, axis=2), "RGBA"),
+    }[kind]
+    config = mc.ModelConfig(name="m")
+    config.parameters["image"].string_value = json.dumps(dataclasses.asdict(SPEC))
+    info = protocol.model_info("", _metadata(), config)
+    codec = Codec(Manifest(name="m", model="lenet5", version="1", files=[],
+                           input=TensorSpec("input", "FP32", [-1, 1, 32, 32]),
+                           output=TensorSpec("logits", "FP32", [-1, 3]), image=SPEC,
+                           class_names=["a", "b", "c"]))
+    [tensor_request] = _ClientBase("127.0.0.1:1", preprocess="client")._predict_requests(
+        info, [images, images])
+    [bytes_request] = _ClientBase("127.0.0.1:1")._predict_requests(info, [images, images])
+    on_client, no_images, _ = codec.decode(_wire(tensor_request))
+    no_tensor, encoded, _ = codec.decode(_wire(bytes_request))
+    assert no_images is None and no_tensor is None and encoded is not None
+    on_server = codec.preprocess(encoded)
+    assert on_client.shape == on_server.shape == (2, 1, 32, 32)  # type: ignore[union-attr]
+    np.testing.assert_array_equal(on_client, on_server)
+    assert float(np.abs(on_server).max()) > 1.0  # really normalised pixels, not zeros
+
+
+def _wire(req: pb.ModelInferRequest) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest.FromString(req.SerializeToString())
 
 
 def test_plan_chunks_respects_batch_and_bytes() -> None:
