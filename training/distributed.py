@@ -1,6 +1,6 @@
 """Multi-process data-parallel training: ``cnnctl train --nproc N`` starts torchrun.
 
-The loop itself (loop.py) reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), so any
+Training reads (device.py, ``place``) torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), so any
 torchrun invocation works, including multi-node:
 
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
