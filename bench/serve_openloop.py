@@ -86,9 +86,14 @@ def closed_loop(server: Server, concurrency: int, seconds: float) -> dict[str, f
 
 def open_loop(server: Server, rate: float, seconds: float) -> dict[str, float] | None:
     """perf_analyzer at ``rate`` req/s; the server's CPU per request from its CPU time over the
-    whole run (perf_analyzer's warm-up and trials all run at that rate)."""
+    whole run (perf_analyzer's warm-up and trials all run at that rate). None: no stable
+    measurement, or requests failed (a server that does not keep up fills its queue)."""
     start, cpu = time.monotonic(), cpu_seconds(server.proc.pid)
-    res = run_perf_analyzer(server.address, "lenet5", 1, int(seconds * 1000), rate=rate)
+    try:
+        res = run_perf_analyzer(server.address, "lenet5", 1, int(seconds * 1000), rate=rate)
+    except RuntimeError as exc:
+        print(f"  {server.name}: perf_analyzer failed: {str(exc)[-300:]}", flush=True)
+        return None
     cores = (cpu_seconds(server.proc.pid) - cpu) / (time.monotonic() - start)
     if res is None:
         return None
@@ -116,6 +121,7 @@ def run_all(specs: list[tuple[str, str, list[str]]], levels: list[int], rates: l
         points = ([("closed", c) for c in levels]
                   + [("open", round(f * rate_base)) for f in rates])
         samples: dict[tuple[str, str, float], list[dict[str, float]]] = {}
+        failed: dict[tuple[str, str, float], int] = {}  # rounds without a result
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
             for mode, level in points:
@@ -124,8 +130,9 @@ def run_all(specs: list[tuple[str, str, list[str]]], levels: list[int], rates: l
                     res = (closed_loop(server, int(level), seconds) if mode == "closed"
                            else open_loop(server, level, seconds))
                     if res is None:
-                        print(f"  {server.name} {mode} {level}: no stable measurement; left out",
-                              flush=True)
+                        print(f"  {server.name} {mode} {level}: no result; left out", flush=True)
+                        failed[(server.name, mode, level)] = failed.get(
+                            (server.name, mode, level), 0) + 1
                         continue
                     samples.setdefault((server.name, mode, level), []).append(res)
                     print(f"  {server.name:16s} {mode:6s} {level:>6}: {res['req_per_s']:6.0f} "
@@ -136,7 +143,10 @@ def run_all(specs: list[tuple[str, str, list[str]]], levels: list[int], rates: l
     for mode, level in points:
         for server in servers:
             runs = samples.get((server.name, mode, level), [])
+            lost = failed.get((server.name, mode, level), 0)
             if not runs:
+                rows.append({"server": server.name, "mode": mode, "rate": level,
+                             "rounds_failed": lost})
                 continue
             # the median round by req/s, or in the open loop (every variant was sent the same
             # rate) by p50 latency
@@ -146,7 +156,8 @@ def run_all(specs: list[tuple[str, str, list[str]]], levels: list[int], rates: l
                          "concurrency" if mode == "closed" else "rate": level, **median,
                          "rounds_req_per_s": [round(res["req_per_s"]) for res in runs],
                          "rounds_p50_ms": [round(res["p50_ms"], 2) for res in runs],
-                         "rounds_p99_ms": [round(res["p99_ms"], 2) for res in runs]})
+                         "rounds_p99_ms": [round(res["p99_ms"], 2) for res in runs],
+                         "rounds_failed": lost})
     return {"started": started,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "servers": [{"name": n, "python": p, "flags": f, "code": codes[n]}
@@ -168,7 +179,12 @@ def table(result: dict[str, Any]) -> str:
             for r in result["rows"] if r["server"] == first}
     for r in result["rows"]:
         level = r.get("concurrency", r.get("rate"))
+        if "req_per_s" not in r:
+            lines.append(f"| {r['mode']} {level} | {r['server']} | no result in "
+                         f"{r['rounds_failed']} rounds | | | | | |")
+            continue
         ref = base.get((r["mode"], level))
+        ref = ref if ref and "req_per_s" in ref else None
         if r["mode"] == "closed":
             load = f"closed c{level}"
             ratio = f"{r['req_per_s'] / ref['req_per_s']:.2f}× req/s" if ref else "-"

@@ -392,14 +392,15 @@ def test_gathering_waits_in_the_selector_for_calls_from_another_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """gRPC hands new calls to the loop from its own thread, while the loop sleeps in its
     selector: requests arriving 0.2 ms apart that way are gathered (a loop polling for idle
-    iterations instead found none of them: batches of one). The quiet period is raised from
-    1 ms here so that a busy test machine, which may hold either thread back for over a
-    millisecond, does not end the batch early."""
+    iterations instead found none of them: batches of one). The quiet period (and the longest
+    wait) are raised here so that a busy test machine, which may hold either thread back for
+    over a millisecond, does not end the batch early."""
     monkeypatch.setattr(policies, "QUIET_S", 0.05)
 
     async def main() -> list[int]:
         model = FakeModel()
-        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6))
+        b = Batcher("m", model, BatchingConfig(max_queue_delay_ms=0, inline_below_us=1e6,
+                                               gather_max_ms=1000))
         b.start()
         await b.submit(rows(1, 1.0))  # measures batch 1 in the pool: now it is "cheap"
         loop = asyncio.get_running_loop()
