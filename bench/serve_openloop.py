@@ -90,7 +90,10 @@ def open_loop(server: Server, rate: float, seconds: float) -> dict[str, float] |
     measurement, or requests failed (a server that does not keep up fills its queue)."""
     start, cpu = time.monotonic(), cpu_seconds(server.proc.pid)
     try:
-        res = run_perf_analyzer(server.address, "lenet5", 1, int(seconds * 1000), rate=rate)
+        # --async: a request goes at its time even while earlier ones are unanswered (in sync
+        # mode each of perf_analyzer's few threads would wait for its answer: a closed loop)
+        res = run_perf_analyzer(server.address, "lenet5", 1, int(seconds * 1000), 1, ("--async",),
+                                rate=rate)
     except RuntimeError as exc:
         print(f"  {server.name}: perf_analyzer failed: {str(exc)[-300:]}", flush=True)
         return None
