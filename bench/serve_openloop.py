@@ -161,7 +161,7 @@ def run_all(specs: list[tuple[str, str, list[str]]], levels: list[int], rates: l
                          "rounds_p50_ms": [round(res["p50_ms"], 2) for res in runs],
                          "rounds_p99_ms": [round(res["p99_ms"], 2) for res in runs],
                          "rounds_failed": lost})
-    return {"started": started,
+    return {"command": " ".join(shlex.quote(a) for a in sys.argv), "started": started,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "servers": [{"name": n, "python": p, "flags": f, "code": codes[n]}
                         for n, p, f in specs],
@@ -232,7 +232,7 @@ def main() -> None:
     names = [name for name, _, _ in args.server]
     if len(set(names)) != len(names):
         p.error(f"--server names must differ: {', '.join(names)}")
-    result = run_all(args.server, [int(c) for c in args.levels.split(",")],
+    result = run_all(args.server, [int(c) for c in args.levels.split(",") if c],
                      [float(f) for f in args.rates.split(",") if f], args.rate_base,
                      args.seconds, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)

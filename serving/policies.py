@@ -54,7 +54,9 @@ class InlinePolicy:
 class Gathering:
     """While on, a cheap request that finds the model idle waits for company instead of running
     alone; its batch goes after QUIET_S without a new arrival, after ``max_s``, or at half the
-    time left to the earliest deadline in it (the batcher also sends it when full)."""
+    time left to the earliest deadline in it (the batcher also sends it when full). It pays when
+    the event loop is the bottleneck (many clients, or traffic near what the server can take);
+    under lighter open-loop traffic the waits add latency (docs/benchmarks.md)."""
 
     def __init__(self, max_s: float, max_images: int) -> None:
         self._max_s = max_s  # 0: never gather
