@@ -39,18 +39,22 @@ def perf_analyzer_env() -> dict[str, str]:
 
 
 def run_perf_analyzer(address: str, model: str, concurrency: int, window_ms: int,
-                      batch: int = 1, extra: tuple[str, ...] = ()) -> dict | None:
-    """One perf_analyzer measurement; ``extra``: more flags (e.g. --shared-memory system)."""
+                      batch: int = 1, extra: tuple[str, ...] = (),
+                      rate: float | None = None) -> dict | None:
+    """One perf_analyzer measurement; ``extra``: more flags (e.g. --shared-memory system).
+    ``rate``: open loop, Poisson arrivals at this many requests/s, instead of ``concurrency``."""
     exe = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent)) or "perf_analyzer"
-    cmd = [exe, "-m", model, "-u", address, "-i", "grpc", "-b", str(batch),
-           "--concurrency-range", f"{concurrency}:{concurrency}",
+    load = (["--request-rate-range", f"{rate}:{rate}", "--request-distribution", "poisson"]
+            if rate else ["--concurrency-range", f"{concurrency}:{concurrency}"])
+    cmd = [exe, "-m", model, "-u", address, "-i", "grpc", "-b", str(batch), *load,
            "--measurement-interval", str(window_ms), "--max-trials", "6",
            "--stability-percentage", "50", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=perf_analyzer_env())
     out = r.stdout
     if "Failed to obtain stable measurement" in out + r.stderr:
         if window_ms < 8000:  # longer windows
-            return run_perf_analyzer(address, model, concurrency, window_ms * 2, batch, extra)
+            return run_perf_analyzer(address, model, concurrency, window_ms * 2, batch, extra,
+                                     rate)
         return None  # no stable measurement even at 8 s windows: this run is left out
     # perf_analyzer aborts *after* printing its client-side results when the server's per-stage
     # statistics counts differ ("compute counts must be the same"); the client numbers stand.

@@ -4,7 +4,7 @@
 
 Every measurement is a closed loop: C concurrent requests in flight from an asyncio gRPC client
 in a separate process (this script, `--load` mode), each sending its next request when the last
-one is answered. The client sends pre-serialised ModelInferRequest bytes and does not parse the
+one is answered (bench/serve_openloop.py adds open-loop traffic, beside closed loops). The client sends pre-serialised ModelInferRequest bytes and does not parse the
 answers (the first is checked; a stream's are, for their error message), so it spends as little
 of the shared CPU as Python allows.
 Comparisons:
@@ -54,7 +54,7 @@ STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 # ---------------------------------------------------------------- load generator (its own process)
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc), all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -108,9 +108,9 @@ async def _load(address: str, model: str, shape: list[int], concurrency: int, se
             # The server's CPU over the measured window: robust to the shared machine's load,
             # unlike throughput, since other processes' work is not charged to it.
             await asyncio.sleep(max(0.0, measure_from - loop.time()))
-            cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
+            cpu.extend((cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
             await asyncio.sleep(max(0.0, end - loop.time()))
-            cpu.extend((_cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
+            cpu.extend((cpu_seconds(server_pid), time.process_time()))  # type: ignore[arg-type]
 
         async def worker(payload: bytes) -> None:
             if stream:
@@ -345,9 +345,8 @@ for _name, (_target, _flags) in list(PA_SETUPS.items()):
     PA_SETUPS[f"{_name} streaming"] = (_target, (*_flags, "--streaming"))
 
 
-def _git_revision() -> str:
-    """The commit the benchmark ran on, "+dirty" when the working tree differs from it."""
-    repo = Path(__file__).resolve().parent.parent
+def git_revision(repo: Path = ROOT) -> str:
+    """The commit of ``repo`` the benchmark ran on, "+dirty" when its working tree differs."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True,
                               capture_output=True, text=True).stdout.strip()
@@ -365,7 +364,7 @@ def run_all(seconds: float, rounds: int, only: tuple[str, ...] = SETUPS,
 
     start_load = os.getloadavg()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    code = _git_revision()  # now: the tree may change while the benchmark runs
+    code = git_revision()  # now: the tree may change while the benchmark runs
     work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
     print("building random-weight artifacts (lenet5, cifar-net-v3)...", flush=True)
     arts = {"lenet5": make_artifact(work / "lenet5", "lenet5"),

@@ -28,16 +28,16 @@ _NONNEG = click.FloatRange(min=0)
 @click.option("--max-queue-size", type=_COUNT, default=_BATCH.max_queue_size, show_default=True,
               help="Requests queued per model before RESOURCE_EXHAUSTED.")
 @click.option("--inline-below-us", type=_NONNEG, default=_BATCH.inline_below_us, show_default=True,
-              help="Run batches expected to compute faster than this (µs) on the event loop "
-              "instead of handing them to the thread pool (0, with --inline-full-below-us 0: "
-              "always the pool).")
+              help="Run batches expected to compute faster than this (µs of CPU) on the event "
+              "loop instead of handing them to the thread pool (0, with --inline-full-below-us "
+              "0: always the pool).")
 @click.option("--inline-full-below-us", type=_NONNEG, default=_BATCH.inline_full_below_us,
               show_default=True, help="The same for full batches (--max-batch-size images or "
               "more), which no other request could join; 0 = always the pool.")
 @click.option("--gather-max-ms", type=_NONNEG, default=_BATCH.gather_max_ms, show_default=True,
               help="Under load, let a cheap request that finds the model idle wait up to this "
               "long while new requests keep arriving, so that small models batch too (used only "
-              "while it forms batches of 8+ images); 0 = off.")
+              "while it forms batches of 16+ images); 0 = off.")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True,
               help="Off: every request runs as its own execution.")
 @click.option("--instances", type=_COUNT, default=_DEFAULT.instances, show_default=True,

@@ -95,10 +95,11 @@ def choose_provider(device: str, probe_model: str | Path) -> str:
     return CPU
 
 
-# Largest model file that also gets a 1-thread session for small batches (bytes).
+# Largest model file that also gets a 1-thread session for small batches (bytes): it doubles
+# the model's memory.
 INLINE_SESSION_MAX_BYTES = 16 << 20
-# A batch expected to take one thread at least this long uses every core (s): in-process,
-# 2 threads beat 1 for lenet5 from ~32 images (~650 µs), not at 16 (~330 µs).
+# A batch expected to take one thread at least this long uses every core (s): below it, waking
+# the other threads costs more than they save.
 PARALLEL_FROM_S = 500e-6
 
 
@@ -111,14 +112,9 @@ def new_session(path: Path, providers: list[str], threads: int) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # With 2+ threads, ORT's workers spin between the operators of one run (so each
-    # operator's share reaches the second thread without a kernel wake-up) and stop when the
-    # run ends (force_spinning_stop), so they spin only while the batch computes, never
-    # between batches when the gRPC threads need the cores. Measured side by side on the
-    # 2-core bench VM (perf_analyzer, 3 interleaved rounds, 2026-11-29; docs/serving.md):
-    # lenet5 batch 64 +14% at c8, +7% at c64 over no spinning; cifar-net-v3 batch 1 +13% at
-    # c1. Spinning without the stop took the cores from the loop (lenet5 batch 1 at c64 -9%).
-    # A 1-thread session has no workers to spin.
+    # With 2+ threads, ORT's workers spin between the operators of one run (so that work reaches
+    # them without a kernel wake-up) and stop when the run ends (force_spinning_stop): spinning
+    # on between batches would take the cores from the gRPC threads.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3
@@ -152,14 +148,9 @@ class OrtModel:
             entry = manifest.file("onnx", "fp16") or fp32
         if entry.precision not in ("fp32", "fp16"):
             raise ArtifactError(f"{artifact_dir}: cannot serve an {entry.precision} ONNX file")
-        # A big batch gets every core of its instance: measured end to end on the 2-core bench
-        # machine (docs/serving.md), 2 threads instead of 1 raised lenet5's batch-64 throughput
-        # by 24-43% and cifar-net-v3's batch-1 by 11-38%, though the gRPC loop shares the cores.
-        # A small one runs in a 1-thread session of its own: there waking a second thread costs
-        # more than it saves (lenet5: batch 1 ~60 µs with 1 thread vs ~85 with 2, batch 16
-        # ~330 vs ~390), and lenet5 batch-1 traffic at concurrency 64, merged into batches of
-        # 10-30 images, ran 1539 req/s with one session of 2 threads vs 1805 with 1. The
-        # 1-thread session doubles the model's memory, so only model files under 16 MiB get one.
+        # A big batch gets every core of its instance, though the gRPC loop shares them; a small
+        # one runs in a 1-thread session of its own (model files up to INLINE_SESSION_MAX_BYTES),
+        # where waking a second thread costs more than it saves.
         cores = os.cpu_count() or 1
         threads = intra_op_threads or max(1, cores // max(1, instances))
         providers = [CUDA, CPU] if provider == CUDA else [CPU]
