@@ -147,7 +147,12 @@ def _resume(run_dir: str, nproc: int | None, flags: dict[str, Any]) -> None:
 
     config = TrainConfig(**{k: flags[k] for k in RESUMABLE if flags.get(k) is not None})
     if nproc and nproc > 1:
-        return _launch(config.replace(nproc=nproc), run_dir)
+        # The saved run's settings (its batch size must divide among the processes), not the
+        # defaults that stand in for them here.
+        from cnnctl.training.checkpoint import load_checkpoint
+
+        saved = TrainConfig.from_dict(load_checkpoint(Path(run_dir) / "last.pt")["config"])
+        return _launch(saved.resumed_with(config, out=run_dir).replace(nproc=nproc), run_dir)
     _run(config, run_dir)
 
 

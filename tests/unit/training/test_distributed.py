@@ -98,3 +98,25 @@ def test_ranks_get_disjoint_shards_reshuffled_each_epoch() -> None:
         assert len(a) == len(b) == len(data) // 2
         assert not set(a.tolist()) & set(b.tolist())
     assert not torch.equal(shards[(1, 0)], shards[(2, 0)])
+
+
+def test_resume_with_nproc_launches_the_saved_run(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --resume RUN --nproc N`: torchrun gets the saved configuration (its batch size is
+    the one that must divide among the N processes), with --nproc N."""
+    from click.testing import CliRunner
+
+    import cnnctl.training.commands as commands
+    from cnnctl.training.config import from_flags
+    from cnnctl.training.loop import train
+
+    run = tmp_path / "run"
+    train(from_flags("convnet", epochs=1, max_steps_per_epoch=1, batch_size=96, progress=False,
+                     plot=False, out=str(run)))
+    launched = []
+    monkeypatch.setattr(commands, "_launch", lambda config, resume: launched.append((config,
+                                                                                     resume)))
+    result = CliRunner().invoke(commands.train, ["--resume", str(run), "--nproc", "3"])
+    assert result.exit_code == 0, result.output
+    [(config, resume)] = launched
+    assert (config.batch_size, config.nproc, config.model, resume) == (96, 3, "convnet", str(run))
