@@ -59,7 +59,9 @@ class Gathering:
     under lighter open-loop traffic the waits add latency (docs/benchmarks.md)."""
 
     def __init__(self, max_s: float, max_images: int) -> None:
-        self._max_s = max_s  # 0: never gather
+        # 0: never gather. Nor with a batch cap under ON_IMAGES: no batch could turn it on, and
+        # its probes would only make requests wait.
+        self._max_s = max_s if max_images >= ON_IMAGES else 0.0
         self._max_images = max_images
         self.active = False  # a batch is being gathered
         self._until = 0.0  # when it goes at the latest
@@ -84,7 +86,8 @@ class Gathering:
 
     def arrived(self, now: float, deadline: float | None) -> None:
         """A request joined the batch being gathered. Gathering never spends more than half of a
-        request's time left."""
+        request's time left (a timer already set is not moved: a request that joins with a
+        shorter deadline than the first's may go up to QUIET_S later than that)."""
         self._last = now
         if deadline is not None:
             self._until = min(self._until, now + (deadline - now) / 2)

@@ -1,7 +1,8 @@
 """Training configuration: one frozen dataclass, defaults in one place, and what each setting
 allows (choices, datasets, numeric ranges), checked once when a TrainConfig is made.
 
-Imports neither torch nor click: the CLI builds its click types from these tables at import time.
+Imports neither torch nor click at import time (the CLI builds its click types from these
+tables); making a TrainConfig does, since validation looks the model up in models.py.
 A flag left unset takes the model's default recipe (``ModelSpec.recipe`` in models.py), so
 ``cnnctl train --model cifar-net-v3`` runs seed 004's recipe while every value stays overridable
 (``--optimizer sgd --lr 0.01 --momentum 0.5 --schedule none --batch-size 64`` is seed 002's own).

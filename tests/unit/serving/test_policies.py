@@ -88,9 +88,12 @@ def test_gathering_goes_after_a_quiet_period_or_max_s_or_half_a_deadline() -> No
 
 
 def test_gathering_never_for_a_full_request_or_when_off() -> None:
-    assert not Gathering(max_s=0.01, max_images=8).begin(8, 0.0)
+    assert not Gathering(max_s=0.01, max_images=64).begin(64, 0.0)
     assert not Gathering(max_s=0.0, max_images=64).begin(1, 0.0)
-    assert Gathering(max_s=0.01, max_images=8).begin(7, 0.0)
+    assert Gathering(max_s=0.01, max_images=64).begin(63, 0.0)
+    # a batch cap under ON_IMAGES: no probe could ever turn gathering on, so none waits
+    assert not Gathering(max_s=0.01, max_images=policies.ON_IMAGES - 1).begin(1, 0.0)
+    assert Gathering(max_s=0.01, max_images=policies.ON_IMAGES).begin(1, 0.0)
 
 
 def test_gather_max_ms_help_states_the_threshold_in_use() -> None:
