@@ -61,6 +61,11 @@ class DeadlineExceededError(CnnctlError):
     """A request whose deadline passed before it was computed: DEADLINE_EXCEEDED."""
 
 
+class PermissionDeniedError(CnnctlError):
+    """A client asking for what the operator did not allow it (shared memory from another host,
+    another user's shared-memory object): PERMISSION_DENIED."""
+
+
 class UnavailableError(CnnctlError):
     """The server is shutting down or a model is not ready: UNAVAILABLE."""
 

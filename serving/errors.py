@@ -19,6 +19,7 @@ from cnnctl.errors import (
     NotEnabledError,
     NotFoundError,
     OverloadedError,
+    PermissionDeniedError,
     UnavailableError,
     UsageError,
 )
@@ -33,6 +34,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotEnabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (CnnctlError, grpc.StatusCode.INTERNAL),
