@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnctl.errors import ArtifactError, NotFoundError, UsageError, known
+from cnnctl.export.image import PixelLimits
 from cnnctl.export.manifest import MANIFEST_NAME, Manifest, load_manifest
 from cnnctl.serving.batcher import Batcher
 from cnnctl.serving.codec import Codec
@@ -83,6 +84,7 @@ class ModelRepository:
         if not dirs:
             raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
         models = []
+        pixel_limits = PixelLimits(config.limits.max_image_pixels, config.limits.max_request_pixels)
         for d in dirs:
             manifest = load_manifest(d)  # checks every file's sha256 first
             runtime = OrtModel(d, manifest, device=config.device, instances=config.instances,
@@ -95,7 +97,8 @@ class ModelRepository:
             batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
                               config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
-                                      batcher, model_metrics, Codec(manifest)))
+                                      batcher, model_metrics, Codec(manifest, config.batching.max_batch_size,
+                                                                  pixel_limits)))
             log.info("loaded %s version %s from %s (%s, %s, %d intra-op threads)", manifest.name,
                      manifest.version, d, runtime.info.provider, runtime.info.precision,
                      runtime.info.intra_op_threads)

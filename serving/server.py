@@ -101,18 +101,33 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 async def create_server(config: ServerConfig,
                         metrics: ServerMetrics | None = None) -> tuple[InferenceServer, int]:
     """Load the models and bind the port; the caller starts it (``await server.start()``)."""
     metrics = metrics or ServerMetrics()
     repository = ModelRepository.load(config, metrics)
+    limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Only --workers shares the port; otherwise a second server on a busy port must fail.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+        # Connections that hold resources and do nothing (LimitsConfig says which).
+        ("grpc.keepalive_time_ms", _ms(limits.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(limits.keepalive_timeout_s)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms",
+         _ms(limits.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_s)),
     ]
-    server = grpc.aio.server(options=options)
+    if limits.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_s)))
+    server = grpc.aio.server(options=options,
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     servicer = InferenceServicer(repository, config)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -15,12 +15,19 @@ from typing import Any, TypeVar
 import grpc
 
 from cnnctl import __version__
-from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
+from cnnctl.errors import (
+    CnnctlError,
+    NotEnabledError,
+    OverloadedError,
+    UnavailableError,
+    UsageError,
+)
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
+from cnnctl.serving.codec import Images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
 from cnnctl.serving.shm import SharedMemoryRegistry
@@ -63,6 +70,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._no_streams.set()
         self.draining = False  # True from the shutdown signal on: ServerReady says false
         self.active = 0  # inference RPCs being answered
+        # Bytes held by requests accepted and not yet answered (Codec.bytes_per_image says what
+        # a request counts), bounded by --max-pending-mb.
+        self.pending_bytes = 0
+        self._max_pending = config.limits.max_pending_bytes
         self._idle = asyncio.Event()
         self._idle.set()
         # Image decoding is CPU work: a small pool beside the inference threads.
@@ -222,7 +233,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # not hold the shutdown for the whole grace period.
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        # The stream's own deadline bounds each of its requests (as does each one's "timeout").
+        deadline = (loop.time() + remaining if remaining is not None
+                    and remaining < _NO_DEADLINE_S else None)
         answers: asyncio.Queue[Any] = asyncio.Queue()  # answers, then _END; or _STOP
+        # A request read takes a slot until its answer is sent: a client that sends and never
+        # reads holds max_stream_inflight requests, and gRPC's flow control holds the rest.
+        slots = asyncio.Semaphore(self.config.limits.max_stream_inflight)
         # The requests not answered yet, and only those: a long-lived stream would otherwise
         # keep every request's finished task.
         waiting: set[asyncio.Task[None]] = set()
@@ -230,7 +249,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 answer = pb.ModelStreamInferResponse(
-                    infer_response=await self.infer(req, None, accepted=True))
+                    infer_response=await self.infer(req, deadline, accepted=True))
             except Exception as exc:  # noqa: BLE001
                 _, message = status_for(exc)
                 answer = pb.ModelStreamInferResponse(
@@ -243,7 +262,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
+                requests = request_iterator.__aiter__()
+                while True:
+                    await slots.acquire()
+                    try:
+                        req = await requests.__anext__()
+                    except StopAsyncIteration:
+                        break
                     waiting.add(asyncio.create_task(one(req)))
                 if waiting:  # not gather: cancelling this (shutdown) must not cancel them
                     await asyncio.wait(waiting)
@@ -258,6 +283,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if answer is _STOP:
                     break
                 yield answer
+                slots.release()
             else:
                 return  # the client is done sending, and every request is answered
             reader.cancel()  # shutting down: read no more requests ...
@@ -285,20 +311,68 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model.metrics.request()
         self._enter()
+        cost = 0
         try:
+            if request.parameters:
+                deadline = _with_timeout(request, deadline)
             x, images, output_view = model.codec.decode(request, self.shm)
-            if x is None:  # encoded images: decoding them is CPU work, kept off the event loop
-                x = await asyncio.get_running_loop().run_in_executor(
-                    self._preprocess, model.codec.preprocess, images)
-            y = await model.infer(x, deadline)
+            # Bounded by now: decode refused more images than the max batch size.
+            cost = request.ByteSize() + model.codec.bytes_per_image * (
+                images.count if x is None else len(x))
+            if self.pending_bytes + cost > self._max_pending:
+                raise OverloadedError(
+                    f"the server holds {self.pending_bytes >> 20} MiB of requests not yet "
+                    f"answered, and this one needs {cost >> 10} KiB more than --max-pending-mb "
+                    f"{self._max_pending >> 20} allows; retry later")
+            self.pending_bytes += cost
+            if x is None:
+                y = await self._infer_images(model, images, deadline)
+            else:
+                y = await model.infer(x, deadline)
             response = model.codec.encode(request, y, output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise
         finally:
+            self.pending_bytes -= cost
             self._leave()
         model.metrics.succeeded(time.perf_counter() - start)
         return response
+
+    async def _infer_images(self, model: LoadedModel, images: Images,
+                            deadline: float | None) -> Any:
+        """Encoded images: decoded off the event loop (CPU work), their place in the model's
+        queue held meanwhile, so that they count toward its bound; not decoded at all once
+        the deadline has passed or the call is cancelled."""
+        loop = asyncio.get_running_loop()
+        expired = None if deadline is None else functools.partial(_passed, loop.time, deadline)
+        model.batcher.reserve()
+        try:
+            x = await loop.run_in_executor(self._preprocess, model.codec.preprocess, images,
+                                           expired)
+        except BaseException:
+            model.batcher.release()
+            raise
+        return await model.batcher.submit(x, deadline, reserved=True)
+
+
+def _passed(now: Callable[[], float], deadline: float) -> bool:
+    return now() >= deadline
+
+
+def _with_timeout(request: pb.ModelInferRequest, deadline: float | None) -> float | None:
+    """The request's deadline, brought forward by its "timeout" parameter (µs, as Triton's
+    clients send it) when it has one."""
+    if "timeout" not in request.parameters:
+        return deadline
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or getattr(param, kind) <= 0:
+        value = getattr(param, kind) if kind else None
+        raise UsageError(f"parameter 'timeout' must be a positive integer (microseconds), got "
+                         f"{value!r}")
+    end = asyncio.get_running_loop().time() + getattr(param, kind) / 1e6
+    return end if deadline is None else min(deadline, end)
 
 
 def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:
