@@ -48,8 +48,8 @@ def to_tensor(images: Sequence[Pixels], spec: ImageSpec, what: str = "image",
     ``what``: how an error names the images (``f"{what} {i}"``). ``limits``: refuse encoded
     images that declare more pixels (None: no limit). ``expired``: checked before each image is
     decoded; when it says True the rest are not (DeadlineExceededError)."""
-    opened = [_open(image, f"{what} {i}") if isinstance(image, (bytes, memoryview)) else image
-              for i, image in enumerate(images)]
+    opened = [_open(image, f"{what} {i}", limits) if isinstance(image, (bytes, memoryview))
+              else image for i, image in enumerate(images)]
     if limits is not None:
         _check_pixels(opened, limits, what)
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
@@ -119,12 +119,17 @@ class _Encoded:
         return img
 
 
-def _open(data: bytes | memoryview, what: str) -> _Encoded:
+def _open(data: bytes | memoryview, what: str, limits: PixelLimits | None) -> _Encoded:
     """Read the image's header only: its format (PNG or JPEG only) and size."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:  # Pillow's own limit, checked as it reads the header
+        limit = (f"at most {limits.per_image} per image (--max-image-pixels)" if limits
+                 else "Pillow's decompression-bomb limit")
+        raise UsageError(f"{what} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                         f"{limit}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bad input
         raise _undecodable(len(data), what, exc) from None
     return _Encoded(img, len(data), what)

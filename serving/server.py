@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,9 @@ async def create_server(config: ServerConfig,
                         metrics: ServerMetrics | None = None) -> tuple[InferenceServer, int]:
     """Load the models and bind the port; the caller starts it (``await server.start()``)."""
     metrics = metrics or ServerMetrics()
+    # Pillow warns (once per process, on stderr) of images over its size limit; ours is checked
+    # from the header and refuses them with INVALID_ARGUMENT (export/image.py).
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     repository = ModelRepository.load(config, metrics)
     limits = config.limits
     options = [

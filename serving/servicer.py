@@ -317,13 +317,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline = _with_timeout(request, deadline)
             x, images, output_view = model.codec.decode(request, self.shm)
             # Bounded by now: decode refused more images than the max batch size.
-            cost = request.ByteSize() + model.codec.bytes_per_image * (
+            need = request.ByteSize() + model.codec.bytes_per_image * (
                 images.count if x is None else len(x))
-            if self.pending_bytes + cost > self._max_pending:
+            if self.pending_bytes + need > self._max_pending:
                 raise OverloadedError(
-                    f"the server holds {self.pending_bytes >> 20} MiB of requests not yet "
-                    f"answered, and this one needs {cost >> 10} KiB more than --max-pending-mb "
-                    f"{self._max_pending >> 20} allows; retry later")
+                    f"the server holds {self.pending_bytes >> 10} KiB of requests not yet "
+                    f"answered; this one's {need >> 10} KiB more would be over --max-pending-mb "
+                    f"{self._max_pending >> 20}; retry later")
+            cost = need
             self.pending_bytes += cost
             if x is None:
                 y = await self._infer_images(model, images, deadline)
