@@ -32,7 +32,7 @@ from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.metrics import ServerMetrics
 from cnnctl.serving.repository import ModelRepository
-from cnnctl.serving.servicer import InferenceServicer
+from cnnctl.serving.servicer import InferenceServicer, lenient
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,27 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+class _LenientParsing:
+    """What the generated ``add_..._to_server`` registers with, every request deserializer made
+    lenient (servicer.py): a malformed message is then INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers come again, by name, in add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        handlers = {
+            name: h._replace(request_deserializer=lenient(  # type: ignore[attr-defined]
+                h.request_deserializer, f"{name} request"))
+            for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -133,7 +154,7 @@ async def create_server(config: ServerConfig,
     server = grpc.aio.server(options=options,
                              maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     servicer = InferenceServicer(repository, config)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _LenientParsing(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -44,6 +44,26 @@ T = TypeVar("T")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]
 
 
+class Malformed:
+    """A request message that did not parse: what ``lenient`` hands the handler instead."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.message = f"malformed {kind}: {error}"
+
+
+def lenient(parse: Callable[[bytes], Any], kind: str) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: a message that does not parse reaches the
+    handler as Malformed, and is answered INVALID_ARGUMENT (gRPC would answer UNKNOWN)."""
+
+    def parse_or_flag(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything
+            return Malformed(kind, exc)
+
+    return parse_or_flag
+
+
 def _status_on_error(handler: Handler[T]) -> Handler[T]:
     """The RPC handler (anything that returns an awaitable), its failures answered with the
     status their exception maps to (serving/errors.py): every error leaves a handler this way."""
@@ -51,6 +71,8 @@ def _status_on_error(handler: Handler[T]) -> Handler[T]:
     @functools.wraps(handler)
     async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if request.__class__ is Malformed:
+                raise UsageError(request.message)
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
             code, message = status_for(exc)
@@ -112,14 +134,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._idle.set()
 
     # -- health and metadata
+    @_status_on_error
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @_status_on_error
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=not self.draining and all(m.ready for m in self.repo))
 
+    @_status_on_error
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         providers = sorted({m.runtime.info.provider for m in self.repo})
@@ -128,6 +153,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=__version__,
             extensions=[*EXTENSIONS, *shm, *(f"cnnctl:execution_provider={p}" for p in providers)])
 
+    @_status_on_error
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         # A probe gets an answer, not an error: an unknown model is simply not ready.
@@ -165,6 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                   and (not request.version or m.version == request.version)]
         return pb.ModelStatisticsResponse(model_stats=[m.metrics.statistics() for m in chosen])
 
+    @_status_on_error
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
@@ -248,12 +275,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
+                if req.__class__ is Malformed:
+                    raise UsageError(req.message)
                 answer = pb.ModelStreamInferResponse(
                     infer_response=await self.infer(req, deadline, accepted=True))
             except Exception as exc:  # noqa: BLE001
                 _, message = status_for(exc)
-                answer = pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(
+                answer = pb.ModelStreamInferResponse(error_message=message)
+                if req.__class__ is not Malformed:
+                    answer.infer_response.CopyFrom(pb.ModelInferResponse(
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
             finally:
                 # Itself, directly: a done callback would cost every request one more loop step.

@@ -446,3 +446,32 @@ def test_refusals_are_logged_rate_limited_escaped_and_clipped(
     errors.status_for(errors.NotFoundError("unknown model 'a\nb'"))
     line = [r for r in caplog.records if r.name == "cnnctl.serving.errors"][-1].getMessage()
     assert "\n" not in line and "a\\nb" in line and "29 INVALID_ARGUMENT, 2 NOT_FOUND" in line
+
+
+def test_a_message_that_does_not_parse_is_invalid_argument(artifacts: dict[str, Path]) -> None:
+    garbage = b"\xff\xff\xff\xff\x0f garbage"
+    expected = ("malformed ModelInfer request: Error parsing message with type "
+                "'inference.ModelInferRequest': Wire format was corrupt")
+
+    async def main() -> None:
+        async with running(config_for(artifacts["lenet5"])) as (_, ch):
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            await expect_error(infer, garbage, BAD, expected)
+            ready = ch.unary_unary("/inference.GRPCInferenceService/ModelReady")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ready(garbage)
+            assert info.value.code() == BAD
+            stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                      response_deserializer=pb.ModelStreamInferResponse.FromString)
+            call = stream()
+            await call.write(garbage)
+            await call.write(infer_request(GOOD, rid="fine").SerializeToString())
+            await call.done_writing()
+            answers = [await call.read() for _ in range(2)]
+            assert sorted(a.error_message for a in answers) == [
+                "", "malformed ModelStreamInfer request: Error parsing message with type "
+                "'inference.ModelInferRequest': Wire format was corrupt"]
+            assert {a.infer_response.id for a in answers} == {"", "fine"}
+            assert (await stub(ch).ModelInfer(infer_request(GOOD))).outputs[0].shape == [1, 10]
+
+    run(main())
