@@ -251,8 +251,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.infer(request, deadline)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                               context: grpc.aio.ServicerContext) -> None:
         # Requests of one stream are computed concurrently (so they can share batches); each
         # answer carries its request's id, and an error is an answer too, not the stream's end.
         # When the server stops accepting (shutdown), the stream reads no more requests, sends
@@ -312,7 +311,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while (answer := await answers.get()) is not _END:
                 if answer is _STOP:
                     break
-                yield answer
+                if not await _write(context, answer):
+                    return  # the client has gone
                 slots.release()
             else:
                 return  # the client is done sending, and every request is answered
@@ -322,7 +322,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await asyncio.wait(waiting)
             while not answers.empty():
                 if isinstance(answer := answers.get_nowait(), pb.ModelStreamInferResponse):
-                    yield answer
+                    if not await _write(context, answer):
+                        return
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)  # ... and end
         finally:
             self._streams.discard(answers)
@@ -385,6 +386,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.batcher.release()
             raise
         return await model.batcher.submit(x, deadline, reserved=True)
+
+
+async def _write(context: grpc.aio.ServicerContext, answer: pb.ModelStreamInferResponse) -> bool:
+    """Send one answer of a stream; False when the client has cancelled it or gone (a write
+    then fails, and gRPC would log the failure of a yielded answer with a traceback: a client
+    could fill the log by cancelling streams)."""
+    try:
+        await context.write(answer)
+    except Exception:  # noqa: BLE001 - grpc's ExecuteBatchError or InvalidStateError
+        return False
+    return True
 
 
 def _passed(now: Callable[[], float], deadline: float) -> bool:
