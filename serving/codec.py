@@ -26,7 +26,7 @@ from cnnctl.errors import NotEnabledError, ShapeError, UsageError
 from cnnctl.export.image import to_tensor
 from cnnctl.export.manifest import Manifest
 from cnnctl.protos import grpc_service_pb2 as pb
-from cnnctl.serving.shm import SharedMemoryRegistry
+from cnnctl.serving.shm import Caller, SharedOutput
 
 TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 ALLOWED = "FP32, FP16, BYTES (encoded PNG/JPEG images)"
@@ -51,11 +51,11 @@ class Layout:
     output_nbytes: int  # of the output, for shape[0] images
 
 
-# What decode gives: (tensor, images, output view). One of the first two is None: the tensor
+# What decode gives: (tensor, images, shared output). One of the first two is None: the tensor
 # float32 (n, C, H, W), ready to batch, or the encoded images, for Codec.preprocess off the event
-# loop. The view: where the output goes when it is in shared memory. A plain tuple: building a
+# loop. The third: where the output goes when it is in shared memory. A plain tuple: building a
 # named one would add to every request's time on the event loop.
-Decoded = tuple[Optional[np.ndarray], Optional[list[bytes]], Optional[memoryview]]
+Decoded = tuple[Optional[np.ndarray], Optional[list[bytes]], Optional[SharedOutput]]
 
 
 class Codec:
@@ -71,9 +71,9 @@ class Codec:
         self._output = f"output '{manifest.output.name}'"
 
     def decode(self, request: pb.ModelInferRequest,
-               shm: SharedMemoryRegistry | None = None) -> Decoded:
-        """(tensor, images, output view), see Decoded. ``shm``: the server's shared-memory
-        regions (None: the extension is off)."""
+               shm: Caller | None = None) -> Decoded:
+        """(tensor, images, shared output), see Decoded. ``shm``: the shared-memory regions
+        as this request's client may use them (None: the extension is off)."""
         raws = request.raw_input_contents
         inputs = request.inputs
         outputs = request.outputs
@@ -103,8 +103,10 @@ class Codec:
                                  f"{layout.nbytes}")
             tensor = np.ndarray(layout.shape, dtype, data)
         elif layout.source is SHM:
-            view = shm.view(*layout.input_shm, self._input)  # type: ignore[union-attr, misc]
-            tensor = np.ndarray(layout.shape, dtype, view)
+            # Read, not mapped: a client truncating its object must not crash us (shm.py).
+            tensor = np.empty(layout.shape, dtype)
+            name, offset, _ = layout.input_shm  # type: ignore[misc]
+            shm.read_into(name, offset, tensor, self._input)  # type: ignore[union-attr]
         else:
             tensor = self._contents(layout, request)
         if dtype is not _F32:
@@ -113,7 +115,7 @@ class Codec:
             return tensor, None, None
         return tensor, None, self._output_view(layout, shm)
 
-    def _output_view(self, layout: Layout, shm: SharedMemoryRegistry | None) -> memoryview | None:
+    def _output_view(self, layout: Layout, shm: Caller | None) -> SharedOutput | None:
         if layout.output_shm is None:
             return None
         size, need = layout.output_shm[2], layout.output_nbytes
@@ -121,8 +123,7 @@ class Codec:
             out = self.manifest.output
             raise UsageError(f"{self._output}: shared_memory_byte_size {size} is too small; "
                              f"{layout.shape[0]} x {_fmt(out.shape[1:])} FP32 needs {need}")
-        view = shm.view(*layout.output_shm, self._output)  # type: ignore[union-attr, misc]
-        return view[:need]
+        return shm.output(*layout.output_shm, self._output)  # type: ignore[union-attr, misc]
 
     def _contents(self, layout: Layout, request: pb.ModelInferRequest) -> np.ndarray:
         values = request.inputs[0].contents.fp32_contents
@@ -133,12 +134,14 @@ class Codec:
         return np.asarray(values, dtype=np.float32).reshape(layout.shape)
 
     def _images(self, layout: Layout, request: pb.ModelInferRequest,
-                shm: SharedMemoryRegistry | None) -> list[bytes]:
+                shm: Caller | None) -> list[bytes]:
         if layout.source is RAW:
             images = split_bytes_tensor(request.raw_input_contents[0], self.manifest.input.name)
         elif layout.source is SHM:
-            view = shm.view(*layout.input_shm, self._input)  # type: ignore[union-attr, misc]
-            images = split_bytes_tensor(bytes(view), self.manifest.input.name)
+            name, offset, size = layout.input_shm  # type: ignore[misc]
+            data = bytearray(size)
+            shm.read_into(name, offset, data, self._input)  # type: ignore[union-attr]
+            images = split_bytes_tensor(bytes(data), self.manifest.input.name)
         else:
             images = list(request.inputs[0].contents.bytes_contents)
         if len(images) != layout.shape[0]:
@@ -147,7 +150,7 @@ class Codec:
         return images
 
     def _check(self, request: pb.ModelInferRequest,
-               shm: SharedMemoryRegistry | None) -> Layout:
+               shm: Caller | None) -> Layout:
         """A description not seen before, checked field by field. The order decides which of
         several faults a request is told of: keep it (a named region is looked up before the
         datatype and shape are checked)."""
@@ -182,7 +185,7 @@ class Codec:
             raise UsageError(f"{self._input} has both a shared-memory region and contents in "
                              f"the message; send one")
         if input_shm is not None:  # the region named before the fields that follow
-            shm.view(*input_shm, self._input)  # type: ignore[union-attr]
+            shm.check(*input_shm, self._input)  # type: ignore[union-attr]
         source = SHM if input_shm else RAW if raw_count else CONTENTS if has_contents else None
         shape = tuple(int(s) for s in tensor.shape)
         dtype = None
@@ -218,7 +221,7 @@ class Codec:
         return to_tensor(images, self.manifest.image, f"{self._input}: element")
 
     def encode(self, request: pb.ModelInferRequest, output: np.ndarray,
-               output_view: memoryview | None = None) -> pb.ModelInferResponse:
+               output_view: SharedOutput | None = None) -> pb.ModelInferResponse:
         """The answer; with ``output_view`` the output goes into that shared memory instead (the
         answer then describes it and carries an empty entry for its data, as Triton's does)."""
         if output.dtype is not _F32:
@@ -226,7 +229,7 @@ class Codec:
         if output_view is None:
             key: tuple[object, ...] = output.shape
         else:
-            output_view[:output.nbytes] = output.reshape(-1).view(np.uint8)
+            output_view.write(np.ascontiguousarray(output))
             key = (output.shape, *(o.SerializeToString() for o in request.outputs))
         template = self._answers.get(key)
         if template is None:

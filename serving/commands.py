@@ -58,15 +58,24 @@ _NONNEG = click.FloatRange(min=0)
 @click.option("--allow-shared-memory", is_flag=True, default=False,
               help="Let clients on this host register POSIX shared-memory regions and pass "
               "tensors through them (Triton's system shared-memory extension; Triton's "
-              "--allow-client-shm). Off: a client could map any shared-memory object this "
-              "server's user may open.")
+              "--allow-client-shm). Only clients connecting through a loopback address, each "
+              "to the objects and regions of its own Unix user.")
+@click.option("--allow-shared-memory-non-loopback-host", is_flag=True, default=False,
+              help="Allow --allow-shared-memory with a --host that other machines can reach. "
+              "Remote peers are still refused, but a proxy or tunnel on this host makes remote "
+              "clients look local, with the relaying process's user.")
+@click.option("--max-shared-memory-regions", type=_COUNT,
+              default=_DEFAULT.max_shared_memory_regions, show_default=True,
+              help="Shared-memory regions each client user may register (one open descriptor "
+              "each); beyond it RESOURCE_EXHAUSTED.")
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
           dynamic_batching: bool,
           instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
-          max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
+          max_message_mb: int, grace_s: float, allow_shared_memory: bool,
+          allow_shared_memory_non_loopback_host: bool, max_shared_memory_regions: int) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
@@ -83,7 +92,9 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
         instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,
-        allow_shared_memory=allow_shared_memory)
+        allow_shared_memory=allow_shared_memory,
+        allow_shared_memory_non_loopback_host=allow_shared_memory_non_loopback_host,
+        max_shared_memory_regions=max_shared_memory_regions)
     if workers > 1:
         from cnnctl.serving.workers import run_workers
 

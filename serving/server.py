@@ -113,12 +113,6 @@ async def create_server(config: ServerConfig,
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
-    servicer = InferenceServicer(repository, config)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config)
     try:
@@ -130,6 +124,12 @@ async def create_server(config: ServerConfig,
         raise UsageError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
+    servicer = InferenceServicer(repository, config, port)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return InferenceServer(config, server, repository, servicer, health_servicer, metrics,
                            port), port
 
