@@ -54,8 +54,12 @@ class ServerConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # ORT threads for big batches (runtime.py); 0 = cores / instances
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
+    # Its own address, not --host: serving other machines need not publish the metrics to them.
+    metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM: clients must present a certificate it signed
+    reflection: bool = True  # gRPC server reflection (lists the services and their messages)
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT)
     reuse_port: bool = False  # set for --workers; otherwise a second server on the port fails
     max_message_mb: int = 64  # largest request or response message (MiB)
@@ -75,6 +79,9 @@ class ServerConfig:
     shm_dir: str | None = None  # set for --workers: where the workers share their registrations
 
     def __post_init__(self) -> None:
+        if self.tls_client_ca and not (self.tls_cert and self.tls_key):
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key: client "
+                             "certificates are checked only over TLS")
         if (self.allow_shared_memory and not self.allow_shared_memory_non_loopback_host
                 and not is_loopback_host(self.host)):
             raise UsageError(f"--allow-shared-memory with --host {self.host}, which other "

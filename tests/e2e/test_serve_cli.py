@@ -27,6 +27,9 @@ def test_user_errors_are_one_line_exit_2(artifact: Path, tmp_path: Path) -> None
         ((str(tmp_path / "nope"),), f"error: artifact directory '{tmp_path / 'nope'}' does not exist"),
         ((str(artifact), "--tls-cert", "x.pem"),
          "error: --tls-cert and --tls-key go together; give both or neither"),
+        ((str(artifact), "--tls-client-ca", "ca.pem"),
+         "error: --tls-client-ca needs --tls-cert and --tls-key: client certificates are "
+         "checked only over TLS"),
         ((str(artifact), "--allow-shared-memory", "--host", "0.0.0.0"),
          "error: --allow-shared-memory with --host 0.0.0.0, which other machines may reach: "
          "shared memory is for clients on this host; use a loopback --host, or add "
