@@ -392,6 +392,7 @@ _NO_COOKIE = 0xFFFFFFFF
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _REQUEST = struct.Struct("=BBBBI")  # struct inet_diag_req_v2, up to its inet_diag_sockid
 _MESSAGE = struct.Struct("=BBBB48xIIIII")  # struct inet_diag_msg: state ... uid, inode
+_MAX_PEERS = 1024  # peer strings whose queries are kept
 
 
 def is_loopback_host(host: str) -> bool:
@@ -433,51 +434,61 @@ class PeerUsers:
     """A connected peer's Unix user: the owner of the client's socket of that TCP connection,
     found by its four addresses through netlink sock_diag (Linux). One exact lookup is a hash
     lookup in the kernel, whatever the number of sockets on the host (reading /proc/net/tcp scans
-    them all). Not cached: a port, once free, may be bound by another user's client."""
+    them all). The user is not cached: a port, once free, may be bound by another user's client.
+    What a peer string parses to is (the queries to send, bounded)."""
 
     def __init__(self, host: str, port: int) -> None:
         self._port = port
-        self._host: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self._servers: list[Any] = []  # where the client may have connected to, likeliest first
         with contextlib.suppress(ValueError):
-            self._host = ipaddress.ip_address(host.strip("[]"))
+            listening = ipaddress.ip_address(host.strip("[]"))
+            if _loopback(listening):
+                self._servers.append(listening)
+        self._servers += [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+        self._queries: dict[str, list[bytes]] = {}
         self._netlink: socket.socket | None = None
         self._seq = 0
 
     def uid(self, peer: str) -> int:
+        queries = self._queries.get(peer)
+        if queries is None:
+            queries = self._plan(peer)
+            if len(self._queries) >= _MAX_PEERS:
+                self._queries.clear()
+            self._queries[peer] = queries
+        for query in queries:
+            found = self._diag(query)
+            # Only a live socket has its owner's uid (a closing one reads as root's).
+            if found is not None and found[0] == _TCP_ESTABLISHED:
+                return found[1]
+        raise PermissionDeniedError(f"shared memory: cannot tell the user of peer {peer} (the "
+                                    f"kernel shows no connection from it to port {self._port})")
+
+    def _plan(self, peer: str) -> list[bytes]:
+        """The sock_diag queries for the client's socket of ``peer``: (family, client address,
+        server address) as the connection may have them."""
         address, port = parse_peer(peer)
         if not _loopback(address):
             raise PermissionDeniedError(f"shared memory is for clients on this host; peer {peer} "
                                         f"is not a loopback address")
-        for family, source, destination in self._candidates(address):
-            found = self._diag(family, source, port, destination)
-            if found is not None:
-                state, uid = found
-                # Only a live socket has its owner's uid (a closing one reads as root's).
-                if state == _TCP_ESTABLISHED:
-                    return uid
-        raise PermissionDeniedError(f"shared memory: cannot tell the user of peer {peer} (the "
-                                    f"kernel shows no connection from it to port {self._port})")
-
-    def _candidates(self, address: Any) -> list[tuple[int, Any, Any]]:
-        """(family, client address, server address) that the connection may have: the server's
-        loopback address it listens on, else the usual ones, else the client's own."""
-        servers = [self._host] if self._host is not None and _loopback(self._host) else []
-        servers += [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"), address]
         client4 = _as_v4(address)
-        out: list[tuple[int, Any, Any]] = []
-        for server in servers:
+        found: list[tuple[int, Any, Any]] = []
+        for server in [*self._servers, address]:
             server4 = _as_v4(server)
             if client4 is not None and server4 is not None:  # an AF_INET or a v4-mapped socket
-                out.append((socket.AF_INET, client4, server4))
-                out.append((socket.AF_INET6, ipaddress.ip_address(f"::ffff:{client4}"),
-                            ipaddress.ip_address(f"::ffff:{server4}")))
+                found.append((socket.AF_INET, client4, server4))
+                found.append((socket.AF_INET6, ipaddress.ip_address(f"::ffff:{client4}"),
+                              ipaddress.ip_address(f"::ffff:{server4}")))
             elif client4 is None and server4 is None:
-                out.append((socket.AF_INET6, address, server))
-        return list(dict.fromkeys(out))
+                found.append((socket.AF_INET6, address, server))
+        return [_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+                + struct.pack("!HH", port, self._port)
+                + source.packed.ljust(16, b"\0") + destination.packed.ljust(16, b"\0")
+                + struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE)
+                for family, source, destination in dict.fromkeys(found)]
 
-    def _diag(self, family: int, source: Any, sport: int, destination: Any,
-              ) -> tuple[int, int] | None:
-        """(state, uid) of the TCP socket with these addresses, or None."""
+    def _diag(self, query: bytes) -> tuple[int, int] | None:
+        """(state, uid) of the TCP socket ``query`` names, or None."""
         if self._netlink is None:
             try:
                 self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
@@ -488,13 +499,9 @@ class PeerUsers:
                     f"{getattr(exc, 'strerror', None) or exc}); shared memory needs Linux"
                 ) from None
         self._seq = self._seq % 0xFFFFFFFF + 1
-        body = (_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-                + struct.pack("!HH", sport, self._port)
-                + source.packed.ljust(16, b"\0") + destination.packed.ljust(16, b"\0")
-                + struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE))
         try:
-            self._netlink.sendto(_HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY,
-                                              _NLM_F_REQUEST, self._seq, 0) + body, (0, 0))
+            self._netlink.sendto(_HEADER.pack(_HEADER.size + len(query), _SOCK_DIAG_BY_FAMILY,
+                                              _NLM_F_REQUEST, self._seq, 0) + query, (0, 0))
             while True:
                 data = self._netlink.recv(8192)
                 _, kind, _, seq, _ = _HEADER.unpack_from(data)
