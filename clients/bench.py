@@ -53,6 +53,8 @@ class BenchConfig:
     tls: bool = False
     root_certificates: str | None = None
     server_name: str | None = None
+    certificate_chain: str | None = None  # a client certificate (PEM file), for mutual TLS
+    private_key: str | None = None  # its key (PEM file)
     preprocess: str = "server"  # with images_dir: encoded images or client-side tensors
     seed: int = 0
     streaming: bool = False  # each client sends over a ModelStreamInfer stream of its own
@@ -242,7 +244,9 @@ def run_grpc(config: BenchConfig) -> list[BenchRow]:
 
     options: dict[str, Any] = dict(timeout=config.timeout_s, retries=0, tls=config.tls,
                                    root_certificates=config.root_certificates,
-                                   server_name=config.server_name, preprocess=config.preprocess)
+                                   server_name=config.server_name,
+                                   certificate_chain=config.certificate_chain,
+                                   private_key=config.private_key, preprocess=config.preprocess)
     with Client(config.server, **options) as client:
         client.wait_until_ready(timeout=10)
         info = client.model_info(config.model, config.version)

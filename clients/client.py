@@ -74,6 +74,16 @@ def parse_url(url: str) -> tuple[str, bool]:
     return f"{host}:{port}", tls
 
 
+def _pem(value: bytes | str | Path | None, what: str) -> bytes | None:
+    """PEM bytes, read from the file when given a path."""
+    if not isinstance(value, (str, Path)):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {str(value)!r} ({exc.strerror})") from None
+
+
 class _ClientBase:
     """Configuration, validation and the I/O-free halves of every call."""
 
@@ -81,6 +91,8 @@ class _ClientBase:
                  backoff: float = 0.1, max_backoff: float = 2.0, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None,
                  server_name: str | None = None,
+                 certificate_chain: bytes | str | Path | None = None,
+                 private_key: bytes | str | Path | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  preprocess: str = "server", max_in_flight: int = 4) -> None:
         self.target, url_tls = parse_url(url)
@@ -105,14 +117,15 @@ class _ClientBase:
         self.max_message_bytes = max_message_bytes
         self.preprocess = preprocess
         self.max_in_flight = max_in_flight  # AsyncClient: chunks of one call in flight at once
-        self.tls = tls or url_tls or root_certificates is not None
-        if isinstance(root_certificates, (str, Path)):
-            try:
-                root_certificates = Path(root_certificates).read_bytes()
-            except OSError as exc:
-                raise UsageError(f"cannot read root certificates {str(root_certificates)!r} "
-                                 f"({exc.strerror})") from None
-        self.root_certificates = root_certificates
+        if (certificate_chain is None) != (private_key is None):
+            raise UsageError("a client certificate and its private key go together; give both "
+                             "or neither")
+        self.tls = (tls or url_tls or root_certificates is not None
+                    or certificate_chain is not None)
+        self.root_certificates = _pem(root_certificates, "root certificates")
+        # For servers that require one (cnnctl serve --tls-client-ca): mutual TLS.
+        self.certificate_chain = _pem(certificate_chain, "client certificate")
+        self.private_key = _pem(private_key, "client private key")
         self.server_name = server_name
         self._infos: dict[tuple[str, str], ModelInfo] = {}
 
@@ -129,7 +142,9 @@ class _ClientBase:
     def _credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:
             return None
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates,
+                                            private_key=self.private_key,
+                                            certificate_chain=self.certificate_chain)
 
     # -- deadlines and retries
     def _deadline(self, timeout: float | None) -> float:

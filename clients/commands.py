@@ -19,6 +19,11 @@ SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT 
 
 
 def _tls_options(f: Any) -> Any:
+    f = click.option("--client-key", type=click.Path(dir_okay=False), default=None,
+                     help="TLS: PEM private key of --client-cert.")(f)
+    f = click.option("--client-cert", type=click.Path(dir_okay=False), default=None,
+                     help="TLS: PEM client certificate, for servers that require one "
+                     "(cnnctl serve --tls-client-ca; implies --tls).")(f)
     f = click.option("--server-name", default=None,
                      help="TLS: the name the server's certificate is for, if not the host.")(f)
     f = click.option("--root-certs", type=click.Path(dir_okay=False), default=None,
@@ -52,11 +57,13 @@ def _expand_paths(paths: tuple[Path, ...]) -> list[Path]:
 @_tls_options
 def predict(server: str, model: str, version: str, images: tuple[Path, ...], top_k: int,
             as_json: bool, logits: bool, timeout: float, preprocess: str, tls: bool,
-            root_certs: str | None, server_name: str | None) -> None:
+            root_certs: str | None, server_name: str | None, client_cert: str | None,
+            client_key: str | None) -> None:
     """Classify IMAGE files (PNG/JPEG, or folders of them) on a running server."""
     paths = _expand_paths(images)
     with Client(server, timeout=timeout, tls=tls, root_certificates=root_certs,
-                server_name=server_name, preprocess=preprocess) as client:
+                server_name=server_name, certificate_chain=client_cert, private_key=client_key,
+                preprocess=preprocess) as client:
         results = client.predict(model, paths, top_k=top_k, return_logits=logits,
                                  version=version)
     if as_json:
@@ -118,7 +125,7 @@ def bench(server: str, model: str | None, version: str, concurrency: tuple[int, 
           max_requests: int, streaming: bool,
           artifact_dir: str | None, use_grpc: bool, as_json: bool, out: str | None,
           plot: str | None, progress: bool, tls: bool, root_certs: str | None,
-          server_name: str | None) -> None:
+          server_name: str | None, client_cert: str | None, client_key: str | None) -> None:
     """Throughput and p50/p90/p99 latency of a running server at each concurrency level."""
     from cnnctl.clients import bench as b
 
@@ -130,7 +137,8 @@ def bench(server: str, model: str | None, version: str, concurrency: tuple[int, 
         server=server, model=model or "", version=version, levels=concurrency,
         duration_s=duration, warmup_s=warmup, batch=batch, images_dir=images_dir,
         max_requests=max_requests, progress=progress and not as_json, tls=tls,
-        root_certificates=root_certs, server_name=server_name, preprocess=preprocess,
+        root_certificates=root_certs, server_name=server_name, certificate_chain=client_cert,
+        private_key=client_key, preprocess=preprocess,
         streaming=streaming)
     rows = b.run_grpc(config) if use_grpc else []
     if artifact_dir:

@@ -29,7 +29,7 @@ from cnnctl.errors import DeadlineExceededError, NotEnabledError, ShapeError, Us
 from cnnctl.export.image import PixelLimits, to_tensor
 from cnnctl.export.manifest import Manifest
 from cnnctl.protos import grpc_service_pb2 as pb
-from cnnctl.serving.shm import SharedMemoryRegistry
+from cnnctl.serving.shm import Caller, SharedOutput
 
 TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 ALLOWED = "FP32, FP16, BYTES (encoded PNG/JPEG images)"
@@ -59,14 +59,17 @@ class Images:
     """A request's encoded images, not yet split or decoded: for Codec.preprocess."""
 
     count: int  # as the input's shape says
-    data: Union[bytes, list[bytes]]  # KServe's raw BYTES layout, or the typed contents' elements
+    # KServe's raw BYTES layout, the typed contents' elements, or (shared memory) a function that
+    # reads the layout: called in preprocess, off the event loop
+    data: Union[bytes, list[bytes], Callable[[], bytes]]
+    held: int = 0  # bytes it will take besides the request message (for --max-pending-mb)
 
 
-# What decode gives: (tensor, images, output view). One of the first two is None: the tensor
+# What decode gives: (tensor, images, shared output). One of the first two is None: the tensor
 # float32 (n, C, H, W), ready to batch, or the encoded images, for Codec.preprocess off the event
-# loop. The view: where the output goes when it is in shared memory. A plain tuple: building a
+# loop. The third: where the output goes when it is in shared memory. A plain tuple: building a
 # named one would add to every request's time on the event loop.
-Decoded = tuple[Optional[np.ndarray], Optional[Images], Optional[memoryview]]
+Decoded = tuple[Optional[np.ndarray], Optional[Images], Optional[SharedOutput]]
 
 
 class Codec:
@@ -91,9 +94,9 @@ class Codec:
         self._output = f"output '{manifest.output.name}'"
 
     def decode(self, request: pb.ModelInferRequest,
-               shm: SharedMemoryRegistry | None = None) -> Decoded:
-        """(tensor, images, output view), see Decoded. ``shm``: the server's shared-memory
-        regions (None: the extension is off)."""
+               shm: Caller | None = None) -> Decoded:
+        """(tensor, images, shared output), see Decoded. ``shm``: the shared-memory regions
+        as this request's client may use them (None: the extension is off)."""
         raws = request.raw_input_contents
         inputs = request.inputs
         outputs = request.outputs
@@ -123,8 +126,10 @@ class Codec:
                                  f"{layout.nbytes}")
             tensor = np.ndarray(layout.shape, dtype, data)
         elif layout.source is SHM:
-            view = shm.view(*layout.input_shm, self._input)  # type: ignore[union-attr, misc]
-            tensor = np.ndarray(layout.shape, dtype, view)
+            # Read, not mapped: a client truncating its object must not crash us (shm.py).
+            tensor = np.empty(layout.shape, dtype)
+            name, offset, _ = layout.input_shm  # type: ignore[misc]
+            shm.read_into(name, offset, tensor, self._input)  # type: ignore[union-attr]
         else:
             tensor = self._contents(layout, request)
         if dtype is not _F32:
@@ -133,7 +138,7 @@ class Codec:
             return tensor, None, None
         return tensor, None, self._output_view(layout, shm)
 
-    def _output_view(self, layout: Layout, shm: SharedMemoryRegistry | None) -> memoryview | None:
+    def _output_view(self, layout: Layout, shm: Caller | None) -> SharedOutput | None:
         if layout.output_shm is None:
             return None
         size, need = layout.output_shm[2], layout.output_nbytes
@@ -141,8 +146,7 @@ class Codec:
             out = self.manifest.output
             raise UsageError(f"{self._output}: shared_memory_byte_size {size} is too small; "
                              f"{layout.shape[0]} x {_fmt(out.shape[1:])} FP32 needs {need}")
-        view = shm.view(*layout.output_shm, self._output)  # type: ignore[union-attr, misc]
-        return view[:need]
+        return shm.output(*layout.output_shm, self._output)  # type: ignore[union-attr, misc]
 
     def _contents(self, layout: Layout, request: pb.ModelInferRequest) -> np.ndarray:
         values = request.inputs[0].contents.fp32_contents
@@ -153,14 +157,20 @@ class Codec:
         return np.asarray(values, dtype=np.float32).reshape(layout.shape)
 
     def _images(self, layout: Layout, request: pb.ModelInferRequest,
-                shm: SharedMemoryRegistry | None) -> Images:
+                shm: Caller | None) -> Images:
         """The encoded images, to be split (raw layouts) and decoded off the event loop."""
         count = layout.shape[0]
         if layout.source is RAW:
             return Images(count, request.raw_input_contents[0])
         if layout.source is SHM:
-            view = shm.view(*layout.input_shm, self._input)  # type: ignore[union-attr, misc]
-            return Images(count, bytes(view))
+            name, offset, size = layout.input_shm  # type: ignore[misc]
+
+            def read() -> bytes:
+                data = bytearray(size)
+                shm.read_into(name, offset, data, self._input)  # type: ignore[union-attr]
+                return bytes(data)
+
+            return Images(count, read, held=2 * size)
         contents = request.inputs[0].contents.bytes_contents
         if len(contents) != count:  # before listing them: a request may hold millions
             raise UsageError(f"{self._input}: shape {_fmt(layout.shape)} says {count} images but "
@@ -168,7 +178,7 @@ class Codec:
         return Images(count, list(contents))
 
     def _check(self, request: pb.ModelInferRequest,
-               shm: SharedMemoryRegistry | None) -> Layout:
+               shm: Caller | None) -> Layout:
         """A description not seen before, checked field by field. The order decides which of
         several faults a request is told of: keep it (a named region is looked up before the
         datatype and shape are checked)."""
@@ -203,7 +213,7 @@ class Codec:
             raise UsageError(f"{self._input} has both a shared-memory region and contents in "
                              f"the message; send one")
         if input_shm is not None:  # the region named before the fields that follow
-            shm.view(*input_shm, self._input)  # type: ignore[union-attr]
+            shm.check(*input_shm, self._input)  # type: ignore[union-attr]
         source = SHM if input_shm else RAW if raw_count else CONTENTS if has_contents else None
         shape = tuple(int(s) for s in tensor.shape)
         dtype = None
@@ -247,6 +257,8 @@ class Codec:
             raise DeadlineExceededError(f"deadline passed before {self._input}'s images were "
                                         f"decoded; not computed")
         items = images.data
+        if callable(items):
+            items = items()
         if not isinstance(items, list):
             items = split_bytes_tensor(items, self.manifest.input.name, images.count)
         if len(items) != images.count:
@@ -256,7 +268,7 @@ class Codec:
                          self.pixel_limits, expired)
 
     def encode(self, request: pb.ModelInferRequest, output: np.ndarray,
-               output_view: memoryview | None = None) -> pb.ModelInferResponse:
+               output_view: SharedOutput | None = None) -> pb.ModelInferResponse:
         """The answer; with ``output_view`` the output goes into that shared memory instead (the
         answer then describes it and carries an empty entry for its data, as Triton's does)."""
         if output.dtype is not _F32:
@@ -264,7 +276,7 @@ class Codec:
         if output_view is None:
             key: tuple[object, ...] = output.shape
         else:
-            output_view[:output.nbytes] = output.reshape(-1).view(np.uint8)
+            output_view.write(np.ascontiguousarray(output))
             key = (output.shape, *(o.SerializeToString() for o in request.outputs))
         template = self._answers.get(key)
         if template is None:

@@ -83,8 +83,16 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
               "batches use 1.")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULT.device, show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics here.")
+@click.option("--metrics-host", default=_DEFAULT.metrics_host, show_default=True,
+              help="Address /metrics listens on, whatever --host is (0.0.0.0: every machine "
+              "that reaches this one may read the metrics).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None)
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="PEM of the CAs whose client certificates are accepted: clients without one "
+              "are refused at the handshake (mutual TLS; needs --tls-cert/--tls-key).")
+@click.option("--reflection/--no-reflection", default=_DEFAULT.reflection, show_default=True,
+              help="gRPC server reflection (grpcurl and similar tools list the services).")
 @click.option("--workers", type=_COUNT, default=_DEFAULT.workers, show_default=True,
               help="Server processes sharing the port (SO_REUSEPORT).")
 @click.option("--max-message-mb", type=_COUNT, default=_DEFAULT.max_message_mb, show_default=True,
@@ -94,16 +102,26 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--allow-shared-memory", is_flag=True, default=False,
               help="Let clients on this host register POSIX shared-memory regions and pass "
               "tensors through them (Triton's system shared-memory extension; Triton's "
-              "--allow-client-shm). Off: a client could map any shared-memory object this "
-              "server's user may open.")
+              "--allow-client-shm). Only clients connecting through a loopback address, each "
+              "to the objects and regions of its own Unix user.")
+@click.option("--allow-shared-memory-non-loopback-host", is_flag=True, default=False,
+              help="Allow --allow-shared-memory with a --host that other machines can reach. "
+              "Remote peers are still refused, but a proxy or tunnel on this host makes remote "
+              "clients look local, with the relaying process's user.")
+@click.option("--max-shared-memory-regions", type=_COUNT,
+              default=_DEFAULT.max_shared_memory_regions, show_default=True,
+              help="Shared-memory regions each client user may register (one open descriptor "
+              "each); beyond it RESOURCE_EXHAUSTED.")
 @_limit_options
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
           dynamic_batching: bool,
           instances: int, intra_op_threads: int, device: str,
-          metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
+          metrics_port: int | None, metrics_host: str, tls_cert: str | None,
+          tls_key: str | None, tls_client_ca: str | None, reflection: bool, workers: int,
           max_message_mb: int, grace_s: float, allow_shared_memory: bool,
+          allow_shared_memory_non_loopback_host: bool, max_shared_memory_regions: int,
           **limits: Any) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
@@ -118,10 +136,14 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
                                 inline_below_us=inline_below_us,
                                 inline_full_below_us=inline_full_below_us,
                                 gather_max_ms=gather_max_ms),
-        limits=LimitsConfig(**limits), instances=instances, device=device, intra_op_threads=intra_op_threads,
-        metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
+        limits=LimitsConfig(**limits),
+        instances=instances, device=device, intra_op_threads=intra_op_threads,
+        metrics_port=metrics_port, metrics_host=metrics_host, tls_cert=tls_cert,
+        tls_key=tls_key, tls_client_ca=tls_client_ca, reflection=reflection, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,
-        allow_shared_memory=allow_shared_memory)
+        allow_shared_memory=allow_shared_memory,
+        allow_shared_memory_non_loopback_host=allow_shared_memory_non_loopback_host,
+        max_shared_memory_regions=max_shared_memory_regions)
     if workers > 1:
         from cnnctl.serving.workers import run_workers
 

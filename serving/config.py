@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnctl.errors import UsageError
+from cnnctl.serving.shm import is_loopback_host
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -86,8 +89,12 @@ class ServerConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # ORT threads for big batches (runtime.py); 0 = cores / instances
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off
+    # Its own address, not --host: serving other machines need not publish the metrics to them.
+    metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM: clients must present a certificate it signed
+    reflection: bool = True  # gRPC server reflection (lists the services and their messages)
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT)
     reuse_port: bool = False  # set for --workers; otherwise a second server on the port fails
     max_message_mb: int = 64  # largest request or response message (MiB)
@@ -96,9 +103,30 @@ class ServerConfig:
     # still be in transit or in gRPC's not-yet-dispatched queue (server.py, shutdown step 2).
     drain_linger_s: float = 0.5
     # Triton's system shared-memory extension (serving/shm.py): off unless asked for, as Triton's
-    # --allow-client-shm, since a client could then map any shared-memory object we may open.
+    # --allow-client-shm; then loopback clients only, each to its own user's objects and regions.
     allow_shared_memory: bool = False
+    # Shared memory with a --host that other machines may reach: refused unless this is set.
+    # Remote peers are refused either way; what it admits is the risk of a relay on this host
+    # (proxy, tunnel) making remote clients look local.
+    allow_shared_memory_non_loopback_host: bool = False
+    # Regions per client user: each holds one descriptor (and no memory: shm.py).
+    max_shared_memory_regions: int = 64
     shm_dir: str | None = None  # set for --workers: where the workers share their registrations
+
+    def __post_init__(self) -> None:
+        if self.tls_client_ca and not (self.tls_cert and self.tls_key):
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key: client "
+                             "certificates are checked only over TLS")
+        if (self.allow_shared_memory and not self.allow_shared_memory_non_loopback_host
+                and not is_loopback_host(self.host)):
+            raise UsageError(f"--allow-shared-memory with --host {self.host}, which other "
+                             f"machines may reach: shared memory is for clients on this host; "
+                             f"use a loopback --host, or add "
+                             f"--allow-shared-memory-non-loopback-host (remote peers are still "
+                             f"refused)")
+        if self.max_shared_memory_regions < 1:
+            raise UsageError(f"max_shared_memory_regions must be at least 1, got "
+                             f"{self.max_shared_memory_regions}")
 
     @property
     def max_message_bytes(self) -> int:

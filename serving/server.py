@@ -97,9 +97,12 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     try:
         key = Path(config.tls_key).read_bytes()
         cert = Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     except OSError as exc:
         raise UsageError(f"cannot read TLS file: {exc}") from None
-    return grpc.ssl_server_credentials([(key, cert)])
+    # With a client CA, a client without a certificate it signed fails the handshake.
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 class _LenientParsing:
@@ -153,12 +156,6 @@ async def create_server(config: ServerConfig,
         options.append(("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_s)))
     server = grpc.aio.server(options=options,
                              maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    servicer = InferenceServicer(repository, config)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _LenientParsing(server))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config)
     try:
@@ -170,6 +167,13 @@ async def create_server(config: ServerConfig,
         raise UsageError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
+    servicer = InferenceServicer(repository, config, port)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _LenientParsing(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return InferenceServer(config, server, repository, servicer, health_servicer, metrics,
                            port), port
 
@@ -186,7 +190,7 @@ async def serve(config: ServerConfig, announce: bool = True,
     if config.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        metrics_server, _ = start_http_server(config.metrics_port, addr=config.host,
+        metrics_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host,
                                               registry=server.metrics.read_registry())
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -203,7 +207,8 @@ async def serve(config: ServerConfig, announce: bool = True,
             info = m.runtime.info
             print(f"serving model {m.name} version {m.version} on {info.provider} "
                   f"({info.precision}, {info.intra_op_threads} intra-op threads)", flush=True)
-        extra = (f"; metrics on http://{config.host}:{metrics_server.server_port}/metrics"
+        extra = (f"; metrics on http://{config.metrics_host}:{metrics_server.server_port}"
+                 f"/metrics"
                  if metrics_server else "")
         print(f"listening on {scheme}://{config.host}:{port}{extra}", flush=True)
     if on_started is not None:

@@ -30,7 +30,7 @@ from cnnctl.serving.errors import code_for, status_for
 from cnnctl.serving.codec import Images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
-from cnnctl.serving.shm import SharedMemoryRegistry
+from cnnctl.serving.shm import Caller, PeerUsers, SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def _status_on_error(handler: Handler[T]) -> Handler[T]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+    def __init__(self, repository: ModelRepository, config: ServerConfig, port: int = 0) -> None:
+        """``port``: the one the server listens on (to tell shared-memory clients' users)."""
         self.repo = repository
         self.config = config
         self.accepting = True  # False: new inference requests are refused (UNAVAILABLE)
@@ -100,8 +101,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._idle.set()
         # Image decoding is CPU work: a small pool beside the inference threads.
         self._preprocess = ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess")
-        self.shm = (SharedMemoryRegistry(config.shm_dir) if config.allow_shared_memory
-                    else None)
+        self.shm = (SharedMemoryRegistry(config.shm_dir,
+                                         max_regions=config.max_shared_memory_regions,
+                                         peers=PeerUsers(config.host, port or config.port))
+                    if config.allow_shared_memory else None)
 
     def stop_accepting(self) -> None:
         """Refuse new inference requests (UNAVAILABLE); open streams end once the requests
@@ -208,7 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.SystemSharedMemoryStatusResponse:
-        regions = self._registry().status(request.name)
+        regions = self._registry(context).status(request.name)
         out = pb.SystemSharedMemoryStatusResponse()
         for r in regions:
             out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
@@ -219,24 +222,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
-        region = self._registry().register(request.name, request.key, request.offset,
-                                           request.byte_size)
-        log.info("registered shared-memory region '%s' (key %s, offset %d, %d bytes)",
-                 region.name, region.key, region.offset, region.byte_size)
+        region = self._registry(context).register(request.name, request.key, request.offset,
+                                                  request.byte_size)
+        log.info("registered shared-memory region %r for user %d (key %s, offset %d, %d bytes)",
+                 region.name, region.uid, region.key, region.offset, region.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @_status_on_error
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext
                                            ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._registry().unregister(request.name)
+        self._registry(context).unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    def _registry(self) -> SharedMemoryRegistry:
+    def _registry(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.shm is None:
             raise NotEnabledError("system shared memory is off; start cnnctl serve with "
                                   "--allow-shared-memory to register regions")
-        return self.shm
+        return self.shm.for_peer(context.peer())
+
+    def _shm_for(self, context: grpc.aio.ServicerContext) -> Caller | None:
+        """The regions a request may name: its client's user's (looked up only if it names
+        one); None while the extension is off."""
+        return None if self.shm is None else self.shm.for_peer(context.peer())
 
     # -- inference
     @_status_on_error
@@ -248,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None
         if remaining is not None and remaining < _NO_DEADLINE_S:
             deadline = asyncio.get_running_loop().time() + remaining
-        return self.infer(request, deadline)
+        return self.infer(request, deadline, shm=self._shm_for(context))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> None:
@@ -271,13 +279,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The requests not answered yet, and only those: a long-lived stream would otherwise
         # keep every request's finished task.
         waiting: set[asyncio.Task[None]] = set()
+        shm = self._shm_for(context)  # one connection: its user looked up once at most
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 if req.__class__ is Malformed:
                     raise UsageError(req.message)
                 answer = pb.ModelStreamInferResponse(
-                    infer_response=await self.infer(req, deadline, accepted=True))
+                    infer_response=await self.infer(req, deadline, accepted=True, shm=shm))
             except Exception as exc:  # noqa: BLE001
                 _, message = status_for(exc)
                 answer = pb.ModelStreamInferResponse(error_message=message)
@@ -332,10 +341,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None,
-                    accepted: bool = False) -> pb.ModelInferResponse:
+                    accepted: bool = False, shm: Caller | None = None
+                    ) -> pb.ModelInferResponse:
         """One request, start to end; raises CnnctlError subclasses for the status table.
         ``accepted``: taken in before the server stopped accepting (a stream's request, read
-        before the stream learnt of the shutdown), so computed whatever happens since."""
+        before the stream learnt of the shutdown), so computed whatever happens since. ``shm``:
+        the shared-memory regions its client may name."""
         if not accepted and not self.accepting:
             raise UnavailableError("the server is shutting down; not accepting new requests")
         model = self.repo.get(request.model_name, request.model_version)
@@ -346,10 +357,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if request.parameters:
                 deadline = _with_timeout(request, deadline)
-            x, images, output_view = model.codec.decode(request, self.shm)
+            x, images, output_view = model.codec.decode(request, shm)
             # Bounded by now: decode refused more images than the max batch size.
-            need = request.ByteSize() + model.codec.bytes_per_image * (
-                images.count if x is None else len(x))
+            need = request.ByteSize() + (
+                model.codec.bytes_per_image * len(x) if images is None
+                else model.codec.bytes_per_image * images.count + images.held)
             if self.pending_bytes + need > self._max_pending:
                 raise OverloadedError(
                     f"the server holds {self.pending_bytes >> 10} KiB of requests not yet "

@@ -124,9 +124,9 @@ def run_workers(config: ServerConfig) -> int:
 
             from cnnctl.serving.metrics import multiprocess_registry
 
-            metrics_server, _ = start_http_server(config.metrics_port, addr=config.host,
+            metrics_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host,
                                                   registry=multiprocess_registry(metrics_dir))
-            print(f"metrics on http://{config.host}:{metrics_server.server_port}/metrics",
+            print(f"metrics on http://{config.metrics_host}:{metrics_server.server_port}/metrics",
                   flush=True)
         if not stop:
             scheme = "grpcs" if config.tls_cert else "grpc"

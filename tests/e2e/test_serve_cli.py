@@ -27,6 +27,13 @@ def test_user_errors_are_one_line_exit_2(artifact: Path, tmp_path: Path) -> None
         ((str(tmp_path / "nope"),), f"error: artifact directory '{tmp_path / 'nope'}' does not exist"),
         ((str(artifact), "--tls-cert", "x.pem"),
          "error: --tls-cert and --tls-key go together; give both or neither"),
+        ((str(artifact), "--tls-client-ca", "ca.pem"),
+         "error: --tls-client-ca needs --tls-cert and --tls-key: client certificates are "
+         "checked only over TLS"),
+        ((str(artifact), "--allow-shared-memory", "--host", "0.0.0.0"),
+         "error: --allow-shared-memory with --host 0.0.0.0, which other machines may reach: "
+         "shared memory is for clients on this host; use a loopback --host, or add "
+         "--allow-shared-memory-non-loopback-host (remote peers are still refused)"),
         ((str(artifact), "--device", "cuda"), "error: --device cuda: no usable CUDA GPU "
          "(onnxruntime's CUDA provider did not initialise); use --device auto or cpu"),
     ]
@@ -52,6 +59,8 @@ def test_out_of_range_options_exit_2_naming_value_and_range(artifact: Path) -> N
         (("--gather-max-ms", "-5"), "'--gather-max-ms': -5.0 is not in the range x>=0."),
         (("--port", "70000"), "'--port': 70000 is not in the range 0<=x<=65535."),
         (("--device", "tpu"), "'--device': 'tpu' is not one of 'auto', 'cpu', 'cuda'."),
+        (("--allow-shared-memory", "--max-shared-memory-regions", "0"),
+         "'--max-shared-memory-regions': 0 is not in the range x>=1."),
     ]
     for args, message in cases:
         done = serve(str(artifact), *args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -62,6 +63,31 @@ def test_metrics_and_statistics_add_up(artifact: Path, workers: int) -> None:
     assert key("cnnctl_queue_depth") in samples
     if workers > 1:
         assert any("(2 workers" in line for line in server.lines)
+
+
+@pytest.mark.parametrize(("workers", "metrics_host"), [(1, None), (2, "127.0.0.2")])
+def test_metrics_listen_on_their_own_host(artifact: Path, workers: int,
+                                          metrics_host: str | None) -> None:
+    """--host 0.0.0.0 serves gRPC to every machine, but /metrics listens only on --metrics-host
+    (127.0.0.1 unless told): before, it listened on --host too."""
+    args = ["--host", "0.0.0.0", "--metrics-port", "0", "--workers", str(workers)]
+    if metrics_host:
+        args += ["--metrics-host", metrics_host]
+    expected = metrics_host or "127.0.0.1"
+    other = "127.0.0.2" if metrics_host is None else "127.0.0.1"
+    with CliServer(str(artifact), *args) as server:
+        found = [m.groups() for line in server.lines
+                 if (m := re.search(r"metrics on http://([^:/]+):(\d+)/metrics", line))]
+        assert [host for host, _ in found] == [expected]
+        port = int(found[0][1])
+        with urllib.request.urlopen(f"http://{expected}:{port}/metrics", timeout=10) as page:
+            assert b"cnnctl_requests" in page.read()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((other, port), timeout=10).close()
+        with grpc.insecure_channel(f"{other}:{server.port}") as ch:  # gRPC: every address
+            assert stub(ch).ServerLive(pb.ServerLiveRequest(), timeout=30).live
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.output()
 
 
 def test_workers_share_shared_memory_registrations(artifact: Path) -> None:

@@ -20,7 +20,7 @@ from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving import codec as codec_mod
 from cnnctl.serving.codec import Codec, Images
 from cnnctl.serving.errors import status_for
-from cnnctl.serving.shm import SharedMemoryRegistry
+from cnnctl.serving.shm import Caller, SharedMemoryRegistry
 from tests.support.serving import infer_request
 
 MANIFEST = Manifest(name="lenet5", model="lenet5", version="3", files=[],
@@ -212,15 +212,27 @@ IN_BYTES, OUT_BYTES = 4 * 4096, 40 * 4
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> SharedMemoryRegistry:
-    """Regions 'in' (16 KiB, 4 lenet5 images) and 'out' (4 x 10 logits), each in its own object;
-    a file under tmp_path stands in for /dev/shm."""
+def registry(tmp_path: Path) -> Caller:
+    """Regions 'in' (16 KiB, 4 lenet5 images) and 'out' (4 x 10 logits), each in its own object,
+    as this process's user sees them; a file under tmp_path stands in for /dev/shm."""
     (tmp_path / "obj_in").write_bytes(bytes(IN_BYTES))
     (tmp_path / "obj_out").write_bytes(bytes(OUT_BYTES))
-    reg = SharedMemoryRegistry(root=tmp_path)
+    reg = SharedMemoryRegistry(root=tmp_path).as_user(os.getuid())
     reg.register("in", "/obj_in", 0, IN_BYTES)
     reg.register("out", "/obj_out", 0, OUT_BYTES)
     return reg
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _peek(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def _shm_req(n: int, out: bool = True, in_offset: int = 0, out_offset: int = 0,
@@ -240,7 +252,7 @@ def _shm_req(n: int, out: bool = True, in_offset: int = 0, out_offset: int = 0,
     return _wire(req)
 
 
-def test_shared_memory_in_and_out(registry: SharedMemoryRegistry,
+def test_shared_memory_in_and_out(registry: Caller, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     codec = Codec(MANIFEST)
     checks = _counting(codec, monkeypatch)
@@ -250,7 +262,7 @@ def test_shared_memory_in_and_out(registry: SharedMemoryRegistry,
             (2, True, 0, 0, "b"), (2, True, 0, 0, ""), (3, False, 4096, 0, ""),
             (3, False, 4096, 0, "c")):
         x = _x(n)
-        registry.view("in", in_offset, x.nbytes, "test")[:] = x.tobytes()
+        _poke(tmp_path / "obj_in", in_offset, x.tobytes())
         req = _shm_req(n, out, in_offset, out_offset, rid)
         tensor, _, view = codec.decode(req, registry)
         assert tensor.dtype == np.float32  # type: ignore[union-attr]
@@ -260,8 +272,8 @@ def test_shared_memory_in_and_out(registry: SharedMemoryRegistry,
         if not out:
             assert view is None and answer == _expected(n, y, rid)
             continue
-        assert view is not None and len(view) == 40 * n
-        in_region = registry.view("out", out_offset, 40 * n, "test")
+        assert view is not None
+        in_region = _peek(tmp_path / "obj_out", out_offset, 40 * n)
         np.testing.assert_array_equal(np.frombuffer(in_region, "<f4").reshape(n, 10), y)
         expected = _expected(n, y, rid)
         expected.raw_output_contents[0] = b""  # one empty entry per output, as Triton sends
@@ -274,7 +286,7 @@ def test_shared_memory_in_and_out(registry: SharedMemoryRegistry,
 @pytest.mark.parametrize("case", ["raw too", "contents too", "shape", "byte size", "no size",
                                   "string size", "negative offset", "output too small", "off"])
 def test_bad_shared_memory_descriptions_are_named(case: str,
-                                                  registry: SharedMemoryRegistry) -> None:
+                                                  registry: Caller) -> None:
     codec = Codec(MANIFEST)
     assert codec.decode(_shm_req(1), registry)[0] is not None  # this layout is cached now
     req = pb.ModelInferRequest()
@@ -321,7 +333,7 @@ def test_bad_shared_memory_descriptions_are_named(case: str,
 
 
 def test_a_cached_layout_still_finds_the_region_gone_or_truncated(
-        registry: SharedMemoryRegistry, tmp_path: Path) -> None:
+        registry: Caller, tmp_path: Path) -> None:
     codec = Codec(MANIFEST)
     req = _shm_req(2)
     assert codec.decode(req, registry)[0] is not None  # checked and remembered
@@ -334,8 +346,9 @@ def test_a_cached_layout_still_finds_the_region_gone_or_truncated(
         assert type(cached.value) is type(fresh.value) and str(cached.value) == str(fresh.value)
         return str(cached.value)
 
-    os.truncate(tmp_path / "obj_in", 4096)  # a view past the end now would be SIGBUS
-    assert "holds 4096 bytes now" in same_error()
+    os.truncate(tmp_path / "obj_in", 4096)  # a mapping read past the end would be SIGBUS
+    assert same_error() == ("input 'input': shared-memory region 'in' gave 4096 of 8192 bytes "
+                            "at offset 0; its key '/obj_in' was truncated after registering")
     registry.unregister("in")
     assert "region 'in' is not registered" in same_error()
     (tmp_path / "obj_small").write_bytes(bytes(4096))
@@ -350,7 +363,7 @@ def test_a_cached_layout_still_finds_the_region_gone_or_truncated(
 
 
 # ---------------------------------------------------------------- encoded images
-def test_encoded_images_from_raw_contents_and_shared_memory(registry: SharedMemoryRegistry,
+def test_encoded_images_from_raw_contents_and_shared_memory(registry: Caller, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     codec = Codec(MANIFEST)
@@ -362,7 +375,7 @@ def test_encoded_images_from_raw_contents_and_shared_memory(registry: SharedMemo
     typed = pb.ModelInferRequest(model_name="lenet5")
     typed.inputs.add(name="input", datatype="BYTES", shape=[2, 1]).contents.bytes_contents.extend(
         pngs)
-    registry.view("in", 0, len(_packed(pngs)), "test")[:] = _packed(pngs)
+    _poke(tmp_path / "obj_in", 0, _packed(pngs))
     in_shm = _shm_req(2, datatype="BYTES", in_bytes=len(_packed(pngs)))
     for req in (raw, raw, typed, in_shm, in_shm):
         tensor, images, view = codec.decode(_wire(req), registry)

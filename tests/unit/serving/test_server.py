@@ -304,6 +304,32 @@ def test_metadata_config_health_reflection(artifacts: dict[str, Path]) -> None:
     run(main())
 
 
+def test_reflection_is_on_unless_turned_off(artifacts: dict[str, Path]) -> None:
+    """--no-reflection: a client can no longer list the services and their messages."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def main(on: bool) -> None:
+        async with running(config_for(artifacts["lenet5"], reflection=on)) as (_, ch):
+            async def ask() -> Any:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            answers = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(ask())
+            if on:
+                names = {svc.name async for answer in answers
+                         for svc in answer.list_services_response.service}
+                assert "inference.GRPCInferenceService" in names
+                return
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [answer async for answer in answers]
+            assert (info.value.code(), info.value.details()) == (
+                grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            # the rest of the server is untouched
+            assert (await stub(ch).ServerLive(pb.ServerLiveRequest())).live
+
+    run(main(True))
+    run(main(False))
+
+
 def test_stream_infer_answers_each_request(artifacts: dict[str, Path], reference: Any,
                                            rng: np.random.Generator) -> None:
     async def main() -> None:
