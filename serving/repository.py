@@ -1,9 +1,10 @@
 """Artifact directories → loaded models, looked up by name and version.
 
-Each artifact directory (written by ``cnnctl export``) holds a manifest.json; ``load_manifest``
-checks every listed file's sha256 before anything is loaded. ``--repository DIR`` serves every
-artifact directory found in DIR, one or two levels down (DIR/name/ or DIR/name/version/). Several
-versions of one model may be served; an empty version in a request means the highest.
+Each artifact directory (written by ``cnnctl export``) holds a manifest.json, which
+``load_manifest`` checks; the runtime then reads each model file it serves once, checks its sha256
+and builds the sessions from those bytes. ``--repository DIR`` serves every artifact directory found
+in DIR, one or two levels down (DIR/name/ or DIR/name/version/). Several versions of one model may
+be served; an empty version in a request means the highest.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class ModelRepository:
             raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
         models = []
         for d in dirs:
-            manifest = load_manifest(d)  # checks every file's sha256 first
+            # The runtime reads each file it serves once, checks that read and loads it: a
+            # separate check here first would leave a window for the file to change.
+            manifest = load_manifest(d, verify_files=False)
             runtime = OrtModel(d, manifest, device=config.device, instances=config.instances,
                                intra_op_threads=config.intra_op_threads)
             model_metrics = metrics.for_model(manifest.name, manifest.version)
