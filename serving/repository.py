@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnctl.errors import ArtifactError, NotFoundError, UsageError, known
-from cnnctl.export.manifest import MANIFEST_NAME, Manifest, load_manifest
+from cnnctl.export.manifest import (
+    MANIFEST_NAME, NAME_RULE, Manifest, is_safe_name, load_manifest, shown,
+)
 from cnnctl.serving.batcher import Batcher
 from cnnctl.serving.codec import Codec
 from cnnctl.serving.config import ServerConfig
@@ -29,11 +31,22 @@ log = logging.getLogger(__name__)
 
 
 def find_artifact_dirs(repository: str | Path) -> list[Path]:
+    """DIR/name/ and DIR/name/version/ holding a manifest. Hidden directories are skipped: they
+    are `cnnctl export`'s work in progress (.name.tmp-*) or what it is replacing (.name.old-*)."""
     root = Path(repository)
     if not root.is_dir():
         raise ArtifactError(f"--repository {str(root)!r} is not a directory")
-    found = [p.parent for p in sorted(root.glob(f"*/{MANIFEST_NAME}"))]
-    found += [p.parent for p in sorted(root.glob(f"*/*/{MANIFEST_NAME}"))]
+    found = []
+    for pattern in (f"*/{MANIFEST_NAME}", f"*/*/{MANIFEST_NAME}"):
+        for manifest in sorted(root.glob(pattern)):
+            parts = manifest.parent.relative_to(root).parts
+            if any(part.startswith(".") for part in parts):
+                continue
+            for part in parts:
+                if not is_safe_name(part):
+                    raise ArtifactError(f"--repository {str(root)!r}: directory {shown(part)} is "
+                                        f"not allowed; allowed: {NAME_RULE}")
+            found.append(manifest.parent)
     if not found:
         raise ArtifactError(f"--repository {str(root)!r} holds no artifact directories (no "
                             f"*/{MANIFEST_NAME} or */*/{MANIFEST_NAME}); write them with "

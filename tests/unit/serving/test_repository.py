@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cnnctl.errors import ArtifactError
 from cnnctl.export import manifest as mf
 from cnnctl.serving.metrics import ServerMetrics
-from cnnctl.serving.repository import ModelRepository
+from cnnctl.serving.repository import ModelRepository, find_artifact_dirs
 from tests.support.serving import config_for
 
 
@@ -61,3 +62,21 @@ def test_a_file_swapped_after_its_check_is_not_served(
     np.testing.assert_allclose(out, reference(x, "lenet5"), rtol=1e-4, atol=1e-5)
     assert not np.allclose(out, reference(x, "lenet5-v2"), rtol=1e-2, atol=1e-2)
 
+
+def test_repository_discovery_skips_hidden_and_refuses_unsafe_directories(
+        tmp_path: Path) -> None:
+    def artifact(*parts: str) -> None:
+        (tmp_path.joinpath(*parts)).mkdir(parents=True)
+        (tmp_path.joinpath(*parts, mf.MANIFEST_NAME)).write_text("{}")
+
+    artifact("lenet5")
+    artifact("resnet", "2")
+    artifact(".lenet5.tmp-x1y2")  # `cnnctl export` at work: manifest written, not yet renamed
+    artifact("resnet", ".3.old-123")  # what an export is replacing
+    assert find_artifact_dirs(tmp_path) == [tmp_path / "lenet5", tmp_path / "resnet" / "2"]
+    artifact("bad\nname")
+    with pytest.raises(ArtifactError) as exc:
+        find_artifact_dirs(tmp_path)
+    assert str(exc.value) == (
+        f"--repository {str(tmp_path)!r}: directory 'bad\\nname' is not allowed; allowed: 1-128 "
+        f"letters, digits, '_', '.', '-', starting with a letter or digit, without '..'")
