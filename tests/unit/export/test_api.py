@@ -146,7 +146,9 @@ def test_failed_verification_writes_nothing(
     ({"formats": "tflite"}, "unknown export format 'tflite'; known: onnx, torchscript"),
     ({"precision": "int4"}, "unknown precision 'int4'; known: fp32, fp16, int8"),
     ({"formats": "torchscript", "precision": "fp16"}, "applies to ONNX files"),
-    ({"name": "../evil"}, "invalid artifact name '../evil'"),
+    ({"name": "../evil"}, "invalid model name '../evil'; allowed: 1-128 letters, digits"),
+    ({"name": "a..b"}, "invalid model name 'a..b'; allowed: 1-128 letters, digits"),
+    ({"version": "1/2"}, "invalid model version '1/2'; allowed: 1-128 letters, digits"),
     ({"opset": 3}, "--opset 3 is out of range"),
 ])
 def test_bad_arguments_name_value_and_allowed(
