@@ -2,8 +2,8 @@
 
 Requests (each an (n, C, H, W) array, n >= 1) wait in a FIFO. Whenever an instance is free, the
 queued requests are merged, oldest first, up to ``max_batch_size`` images; a request is never
-split (one larger than that runs alone). While the instances are busy the queue fills by itself,
-so under load batches form without any added delay. A batch not yet full may be held back: for
+split (the codec refuses one larger than that). While the instances are busy the queue fills by
+itself, so under load batches form without any added delay. A batch not yet full may be held back: for
 ``max_queue_delay_ms`` after its oldest request, or while gathering (serving/policies.py) waits
 for company. Requests whose deadline passed while queued are answered DEADLINE_EXCEEDED without
 being computed; cancelled ones are skipped.
@@ -30,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnctl.errors import DeadlineExceededError, OverloadedError, UnavailableError
+from cnnctl.errors import CnnctlError, DeadlineExceededError, OverloadedError, UnavailableError
 from cnnctl.serving.config import BatchingConfig
 from cnnctl.serving.policies import Gathering, InlinePolicy
 
@@ -85,6 +85,7 @@ class Batcher:
                                     self._max)
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
+        self._reserved = 0  # places held for requests still being prepared (reserve())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False  # a _dispatch call_soon is pending
         self._timer: asyncio.TimerHandle | None = None  # a _dispatch when a held batch is due
@@ -99,14 +100,32 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, inputs: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Queue one request and wait for its rows of the batch output."""
+    def reserve(self) -> None:
+        """Hold a place in the queue for a request that needs preparing first (encoded images
+        to decode): it counts toward the queue bound from now on. Pass ``reserved=True`` to its
+        ``submit``, or call ``release`` if it never comes."""
+        self._admit()
+        self._reserved += 1
+
+    def release(self) -> None:
+        self._reserved -= 1
+
+    def _admit(self) -> None:
         if self._closing:
             raise UnavailableError("the server is shutting down; not accepting new requests")
-        if len(self._queue) >= self._max_queue:
+        if len(self._queue) + self._reserved >= self._max_queue:
             raise OverloadedError(
                 f"model '{self.name}' queue is full ({self._max_queue} requests waiting); retry "
                 f"later or raise --max-queue-size")
+
+    async def submit(self, inputs: np.ndarray, deadline: float | None = None,
+                     reserved: bool = False) -> np.ndarray:
+        """Queue one request and wait for its rows of the batch output. ``reserved``: its place
+        was held by ``reserve`` (and is given back now, whatever happens)."""
+        if reserved:  # admitted already: computed even if the batcher closed since
+            self._reserved -= 1
+        else:
+            self._admit()
         if self._loop is None:
             self.start()
         loop = self._loop
@@ -231,6 +250,7 @@ class Batcher:
             y, seconds, cpu = self._execute(x)
         finally:
             self._free += 1
+        self._check_rows(y, images)
         self._account(images, 1, seconds, cpu)
         return y
 
@@ -270,13 +290,23 @@ class Batcher:
                 p.future.set_exception(exc)
 
     def _deliver(self, batch: list[_Pending], images: int, result: Result) -> None:
+        """Each request its rows; a failure here too goes to this batch's waiters only."""
         y, seconds, cpu = result
-        self._account(images, len(batch), seconds, cpu)
-        offset = 0
-        for p in batch:
-            if not p.future.done():
-                p.future.set_result(y if len(batch) == 1 else y[offset:offset + p.n])
-            offset += p.n
+        try:
+            self._check_rows(y, images)
+            self._account(images, len(batch), seconds, cpu)
+            offset = 0
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result(y if len(batch) == 1 else y[offset:offset + p.n])
+                offset += p.n
+        except Exception as exc:  # noqa: BLE001 - delivered to this batch's waiters
+            self._fail(batch, exc)
+
+    def _check_rows(self, y: np.ndarray, images: int) -> None:
+        if y.shape[:1] != (images,):  # split back, it would give requests the wrong rows
+            raise CnnctlError(f"model '{self.name}' returned output of shape {list(y.shape)} "
+                              f"for a batch of {images} images")
 
     def _account(self, images: int, requests: int, seconds: float, cpu: float) -> None:
         self._observer.executed(images, seconds, requests)

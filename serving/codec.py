@@ -5,7 +5,9 @@ refused on its own and never fails the others it would have been batched with. M
 bad value and what the model allows.
 
 The input comes in one of four ways: raw_input_contents, typed contents, a registered shared-memory
-region, or a BYTES tensor of encoded PNG/JPEG images (preprocessed off the event loop). A client
+region, or a BYTES tensor of encoded PNG/JPEG images. The event loop's share of a request is bounded
+whatever it holds: no request has more images than the max batch size, and a BYTES tensor is split
+and its images decoded off the loop (``preprocess``), within pixel limits read from their headers. A client
 sends the same input and output descriptions (name, datatype, shape, parameters) with every
 request, and on the event loop every protobuf field read counts, so a description is checked field
 by field once and its result (a Layout) remembered under the description's serialized bytes: a
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
-from cnnctl.errors import NotEnabledError, ShapeError, UsageError
-from cnnctl.export.image import to_tensor
+from cnnctl.errors import DeadlineExceededError, NotEnabledError, ShapeError, UsageError
+from cnnctl.export.image import PixelLimits, to_tensor
 from cnnctl.export.manifest import Manifest
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.serving.shm import SharedMemoryRegistry
@@ -51,18 +54,35 @@ class Layout:
     output_nbytes: int  # of the output, for shape[0] images
 
 
+@dataclass(frozen=True, slots=True)
+class Images:
+    """A request's encoded images, not yet split or decoded: for Codec.preprocess."""
+
+    count: int  # as the input's shape says
+    data: Union[bytes, list[bytes]]  # KServe's raw BYTES layout, or the typed contents' elements
+
+
 # What decode gives: (tensor, images, output view). One of the first two is None: the tensor
 # float32 (n, C, H, W), ready to batch, or the encoded images, for Codec.preprocess off the event
 # loop. The view: where the output goes when it is in shared memory. A plain tuple: building a
 # named one would add to every request's time on the event loop.
-Decoded = tuple[Optional[np.ndarray], Optional[list[bytes]], Optional[memoryview]]
+Decoded = tuple[Optional[np.ndarray], Optional[Images], Optional[memoryview]]
 
 
 class Codec:
     """One model's requests decoded and answered; see the module's docstring."""
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, max_batch_size: int = 64,
+                 pixel_limits: PixelLimits | None = None) -> None:
+        """``max_batch_size``: the most images one request may hold (INVALID_ARGUMENT beyond,
+        as Triton). ``pixel_limits``: for encoded images (None: the defaults)."""
         self.manifest = manifest
+        self.max_batch_size = max_batch_size
+        self.pixel_limits = pixel_limits or PixelLimits()
+        # What one image of a request holds us to, besides the message: its float32 input and
+        # output (the request's share of the server's --max-pending-mb).
+        self.bytes_per_image = 4 * (math.prod(manifest.input.shape[1:])
+                                    + math.prod(manifest.output.shape[1:]))
         # (raw entries, shared memory off, input and output descriptions serialized) -> Layout
         self._layouts: dict[tuple[object, ...], Layout] = {}
         # output shape (and the requested outputs, serialized, for shared memory) -> template
@@ -133,18 +153,19 @@ class Codec:
         return np.asarray(values, dtype=np.float32).reshape(layout.shape)
 
     def _images(self, layout: Layout, request: pb.ModelInferRequest,
-                shm: SharedMemoryRegistry | None) -> list[bytes]:
+                shm: SharedMemoryRegistry | None) -> Images:
+        """The encoded images, to be split (raw layouts) and decoded off the event loop."""
+        count = layout.shape[0]
         if layout.source is RAW:
-            images = split_bytes_tensor(request.raw_input_contents[0], self.manifest.input.name)
-        elif layout.source is SHM:
+            return Images(count, request.raw_input_contents[0])
+        if layout.source is SHM:
             view = shm.view(*layout.input_shm, self._input)  # type: ignore[union-attr, misc]
-            images = split_bytes_tensor(bytes(view), self.manifest.input.name)
-        else:
-            images = list(request.inputs[0].contents.bytes_contents)
-        if len(images) != layout.shape[0]:
-            raise UsageError(f"{self._input}: shape {_fmt(layout.shape)} says {layout.shape[0]} "
-                             f"images but the contents hold {len(images)}")
-        return images
+            return Images(count, bytes(view))
+        contents = request.inputs[0].contents.bytes_contents
+        if len(contents) != count:  # before listing them: a request may hold millions
+            raise UsageError(f"{self._input}: shape {_fmt(layout.shape)} says {count} images but "
+                             f"the contents hold {len(contents)}")
+        return Images(count, list(contents))
 
     def _check(self, request: pb.ModelInferRequest,
                shm: SharedMemoryRegistry | None) -> Layout:
@@ -208,14 +229,31 @@ class Codec:
             if source is CONTENTS and tensor.datatype != "FP32":
                 raise UsageError(f"{self._input}: {tensor.datatype} has no typed contents field; "
                                  f"send it as raw_input_contents")
+        if shape[0] > self.max_batch_size:  # as Triton: a request is one batch at most
+            raise ShapeError(f"{self._input}: batch size {shape[0]} is over the max batch size "
+                             f"{self.max_batch_size}; send at most {self.max_batch_size} images "
+                             f"per request")
         if source is None:
             raise UsageError(f"{self._input} has no data: send raw_input_contents or contents")
         output_nbytes = shape[0] * math.prod(man.output.shape[1:]) * 4
         return Layout(shape, dtype, source, nbytes, input_shm, output_shm, output_nbytes)
 
-    def preprocess(self, images: list[bytes]) -> np.ndarray:
-        """Blocking: a request's encoded images → its input tensor (the manifest's ImageSpec)."""
-        return to_tensor(images, self.manifest.image, f"{self._input}: element")
+    def preprocess(self, images: Images,
+                   expired: Callable[[], bool] | None = None) -> np.ndarray:
+        """Blocking: a request's encoded images → its input tensor (the manifest's ImageSpec).
+        ``expired``: asked before each image is decoded; once True, the rest are not
+        (DEADLINE_EXCEEDED)."""
+        if expired is not None and expired():
+            raise DeadlineExceededError(f"deadline passed before {self._input}'s images were "
+                                        f"decoded; not computed")
+        items = images.data
+        if not isinstance(items, list):
+            items = split_bytes_tensor(items, self.manifest.input.name, images.count)
+        if len(items) != images.count:
+            raise UsageError(f"{self._input}: shape [{images.count}] says {images.count} images "
+                             f"but the contents hold {len(items)}")
+        return to_tensor(items, self.manifest.image, f"{self._input}: element",
+                         self.pixel_limits, expired)
 
     def encode(self, request: pb.ModelInferRequest, output: np.ndarray,
                output_view: memoryview | None = None) -> pb.ModelInferResponse:
@@ -259,11 +297,17 @@ class Codec:
         return response
 
 
-def split_bytes_tensor(raw: bytes, input_name: str) -> list[bytes]:
-    """Decode KServe's raw BYTES layout: each element is a 4-byte little-endian length + bytes."""
-    items = []
+def split_bytes_tensor(raw: bytes, input_name: str, count: int) -> list[memoryview]:
+    """Decode KServe's raw BYTES layout: each element is a 4-byte little-endian length + bytes.
+    ``count``: the elements the input's shape says; a layout holding more is refused as soon as
+    one more is seen (a few MiB can hold millions of empty elements)."""
+    items: list[memoryview] = []
+    data = memoryview(raw)
     offset = 0
     while offset < len(raw):
+        if len(items) == count:
+            raise UsageError(f"input '{input_name}': shape [{count}] says {count} images but the "
+                             f"contents hold more")
         if offset + 4 > len(raw):
             raise UsageError(f"input '{input_name}': BYTES raw contents end inside an element's "
                              f"4-byte length prefix (offset {offset} of {len(raw)} bytes)")
@@ -272,7 +316,7 @@ def split_bytes_tensor(raw: bytes, input_name: str) -> list[bytes]:
         if offset + size > len(raw):
             raise UsageError(f"input '{input_name}': BYTES element {len(items)} claims {size} "
                              f"bytes but only {len(raw) - offset} remain")
-        items.append(raw[offset:offset + size])
+        items.append(data[offset:offset + size])
         offset += size
     return items
 

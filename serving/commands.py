@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from cnnctl.errors import UsageError
-from cnnctl.serving.config import DEVICES, BatchingConfig, ServerConfig
+from cnnctl.serving.config import DEVICES, BatchingConfig, LimitsConfig, ServerConfig
 
 _DEFAULT = ServerConfig()
 _BATCH = BatchingConfig()
+_LIMITS = LimitsConfig()
 _COUNT = click.IntRange(min=1)
 _NONNEG = click.FloatRange(min=0)
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+# What a client may hold the server to (LimitsConfig; docs/security.md): option -> help.
+_LIMIT_HELP = {
+    "max_image_pixels": (_COUNT, "Refuse an encoded image that declares more pixels (read from "
+                         "its header, before decoding)."),
+    "max_request_pixels": (_COUNT, "The same for all the images of one request."),
+    "max_pending_mb": (_COUNT, "MiB of requests accepted and not yet answered, all models "
+                       "together (message, input and output); beyond it RESOURCE_EXHAUSTED."),
+    "max_concurrent_rpcs": (_COUNT, "RPCs in progress at once (open streams included); beyond "
+                            "it RESOURCE_EXHAUSTED."),
+    "max_stream_inflight": (_COUNT, "Requests of one stream read and not yet answered; the "
+                            "stream reads no more until an answer is sent."),
+    "keepalive_time_s": (_POSITIVE, "Ping a connection idle this long, to find dead peers."),
+    "keepalive_timeout_s": (_POSITIVE, "Close a connection whose ping is not answered in this "
+                            "long."),
+    "max_connection_idle_s": (_NONNEG, "Close a connection with no calls for this long "
+                              "(clients reconnect on their next call); 0 = never."),
+    "min_client_ping_interval_s": (_NONNEG, "Send GOAWAY to a client that pings more often "
+                                   "than this without calls in flight."),
+    "handshake_timeout_s": (_POSITIVE, "Close a connection that has not finished its "
+                            "HTTP/2 (and TLS) handshake in this long."),
+}
+
+
+def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for field, (kind, text) in reversed(_LIMIT_HELP.items()):
+        flag = "--" + field.replace("_", "-")
+        command = click.option(flag, field, type=kind, default=getattr(_LIMITS, field),
+                               show_default=True, help=text)(command)
+    return command
 
 
 @click.command("serve")
@@ -60,13 +96,15 @@ _NONNEG = click.FloatRange(min=0)
               "tensors through them (Triton's system shared-memory extension; Triton's "
               "--allow-client-shm). Off: a client could map any shared-memory object this "
               "server's user may open.")
+@_limit_options
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
           dynamic_batching: bool,
           instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, tls_cert: str | None, tls_key: str | None, workers: int,
-          max_message_mb: int, grace_s: float, allow_shared_memory: bool) -> None:
+          max_message_mb: int, grace_s: float, allow_shared_memory: bool,
+          **limits: Any) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
@@ -80,7 +118,7 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
                                 inline_below_us=inline_below_us,
                                 inline_full_below_us=inline_full_below_us,
                                 gather_max_ms=gather_max_ms),
-        instances=instances, device=device, intra_op_threads=intra_op_threads,
+        limits=LimitsConfig(**limits), instances=instances, device=device, intra_op_threads=intra_op_threads,
         metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,
         allow_shared_memory=allow_shared_memory)

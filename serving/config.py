@@ -12,14 +12,16 @@ DEVICES = ("auto", "cpu", "cuda")
 class BatchingConfig:
     enabled: bool = True
     # Images per model execution: large enough that a small model's per-call overhead is paid once
-    # per many images, small enough that a costly model's batch still computes in tens of ms. A
-    # request larger than this runs as a batch of its own, never split.
+    # per many images, small enough that a costly model's batch still computes in tens of ms. It
+    # also caps a request (INVALID_ARGUMENT beyond, as Triton), batching on or off.
     max_batch_size: int = 64
     # How long the oldest queued request may wait for company while an instance is idle (ms).
     # 0: batches are whatever queued while the instances were busy. A wait only slows a lone
     # client, who has no company to wait for; under load gathering (below) batches without it.
     max_queue_delay_ms: float = 0.0
-    max_queue_size: int = 1024  # requests waiting per model; beyond it RESOURCE_EXHAUSTED
+    # Requests waiting per model, those whose images are being decoded included; beyond it
+    # RESOURCE_EXHAUSTED.
+    max_queue_size: int = 1024
     # A batch expected to compute in less than this (µs of CPU, a moving average per batch size;
     # a size not yet seen runs in the pool first) runs on the event loop thread instead of the
     # thread pool: handing a run to the pool and back costs the loop about this much, so a
@@ -41,12 +43,45 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What a client can hold the server to (docs/security.md): past any of these it is refused
+    at once, and the others are served as before."""
+
+    # Pixels an encoded image may declare (read from its header before it is decoded), and all of
+    # a request's images together: 4096x4096 takes a 12-megapixel photo; a 0.5 MB PNG can declare
+    # 13000x13000 (830 MB decoded).
+    max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 8192 * 8192
+    # Requests accepted and not yet answered, all models together (MiB): each counts its message
+    # and its float32 input and output.
+    max_pending_mb: int = 512
+    max_concurrent_rpcs: int = 1024  # beyond it gRPC answers RESOURCE_EXHAUSTED at once
+    # Requests of one ModelStreamInfer stream read and not yet answered: the stream reads no more
+    # until an answer is sent, so a client that does not read its answers holds only this many.
+    max_stream_inflight: int = 128
+    # Connections: the server pings one idle this long (s) and closes it if no answer comes in
+    # keepalive_timeout_s; closes one idle (no calls) for max_connection_idle_s (0: never); a
+    # client pinging more often than min_client_ping_interval_s is sent GOAWAY (too_many_pings);
+    # a connection that has not finished its handshake in handshake_timeout_s is closed.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connection_idle_s: float = 300.0
+    min_client_ping_interval_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+
+    @property
+    def max_pending_bytes(self) -> int:
+        return self.max_pending_mb * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     artifact_dirs: tuple[str, ...] = ()
     repository: str | None = None  # a directory of artifact directories
     host: str = "127.0.0.1"  # --host 0.0.0.0 to serve other machines
     port: int = 8001  # Triton's gRPC port; 0 picks a free one
     batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
     instances: int = 1  # model executions in flight at once per model
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # ORT threads for big batches (runtime.py); 0 = cores / instances

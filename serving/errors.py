@@ -8,6 +8,7 @@ bug, answered INTERNAL with a short message and logged with its traceback.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -41,6 +42,14 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+# Refusals (and internal errors) are logged at most once per LOG_EVERY_S, with a count of the rest:
+# a client sending bad requests in a loop must not flood the log.
+LOG_EVERY_S = 10.0
+# A message quotes values the client sent (a model name, say): a status message and a log line
+# carry at most this many characters of it.
+MESSAGE_MAX = 1000
+
+
 def code_for(exc: BaseException) -> grpc.StatusCode:
     """The status code alone (no logging): for counting failures by code."""
     return next((code for cls, code in STATUS_TABLE if isinstance(exc, cls)),
@@ -48,11 +57,46 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message to answer ``exc`` with."""
-    for cls, code in STATUS_TABLE:
-        if isinstance(exc, cls):
-            if code is grpc.StatusCode.INTERNAL:
-                log.error("internal error: %s", exc, exc_info=exc)
-            return code, str(exc)
-    log.error("unexpected %s while serving a request", type(exc).__name__, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+    """The status code and message to answer ``exc`` with (logged, rate-limited)."""
+    code = code_for(exc)
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, CnnctlError):
+        message = f"internal error ({type(exc).__name__}); see the server log"
+    else:
+        message = _clip(str(exc))
+    _log.note(code, message if code is not grpc.StatusCode.INTERNAL else repr(exc), exc)
+    return code, message
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_MAX else message[:MESSAGE_MAX] + "…"
+
+
+class _RateLimitedLog:
+    """Refusals as one line per LOG_EVERY_S: how many of each code, and the latest message.
+    Internal errors (bugs) are logged at ERROR with their traceback, at the same rate."""
+
+    def __init__(self) -> None:
+        self._next = {False: 0.0, True: 0.0}  # internal? -> when the next line may be written
+        self._counts: dict[bool, dict[str, int]] = {False: {}, True: {}}
+
+    def note(self, code: grpc.StatusCode, message: str, exc: BaseException) -> None:
+        internal = code is grpc.StatusCode.INTERNAL
+        counts = self._counts[internal]
+        counts[code.name] = counts.get(code.name, 0) + 1
+        now = time.monotonic()
+        if now < self._next[internal]:
+            return
+        self._next[internal] = now + LOG_EVERY_S
+        summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        counts.clear()
+        # Escaped: a client's value must not start a log line of its own.
+        text = _clip(message).encode("unicode_escape").decode("ascii")
+        if internal:
+            log.error("internal error answering a request (%s since the last such line): %s",
+                      summary, text, exc_info=exc)
+        else:
+            log.warning("refused requests (%s since the last such line); latest: %s",
+                        summary, text)
+
+
+_log = _RateLimitedLog()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnctl.errors import ArtifactError, NotFoundError, UsageError, known
+from cnnctl.export.image import PixelLimits
 from cnnctl.export.manifest import (
     MANIFEST_NAME, NAME_RULE, Manifest, is_safe_name, load_manifest, shown,
 )
@@ -97,6 +98,7 @@ class ModelRepository:
         if not dirs:
             raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
         models = []
+        pixel_limits = PixelLimits(config.limits.max_image_pixels, config.limits.max_request_pixels)
         for d in dirs:
             # The runtime reads each file it serves once, checks that read and loads it: a
             # separate check here first would leave a window for the file to change.
@@ -111,7 +113,8 @@ class ModelRepository:
             batcher = Batcher(manifest.name, runtime.run, batching, runtime.executor,
                               config.instances, model_metrics)
             models.append(LoadedModel(manifest.name, manifest.version, d, manifest, runtime,
-                                      batcher, model_metrics, Codec(manifest)))
+                                      batcher, model_metrics, Codec(manifest, config.batching.max_batch_size,
+                                                                  pixel_limits)))
             log.info("loaded %s version %s from %s (%s, %s, %d intra-op threads)", manifest.name,
                      manifest.version, d, runtime.info.provider, runtime.info.precision,
                      runtime.info.intra_op_threads)

@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.metrics import ServerMetrics
 from cnnctl.serving.repository import ModelRepository
-from cnnctl.serving.servicer import InferenceServicer
+from cnnctl.serving.servicer import InferenceServicer, lenient
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,59 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+class _LenientParsing:
+    """What the generated ``add_..._to_server`` registers with, every request deserializer made
+    lenient (servicer.py): a malformed message is then INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers come again, by name, in add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        handlers = {
+            name: h._replace(request_deserializer=lenient(  # type: ignore[attr-defined]
+                h.request_deserializer, f"{name} request"))
+            for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 async def create_server(config: ServerConfig,
                         metrics: ServerMetrics | None = None) -> tuple[InferenceServer, int]:
     """Load the models and bind the port; the caller starts it (``await server.start()``)."""
     metrics = metrics or ServerMetrics()
+    # Pillow warns (once per process, on stderr) of images over its size limit; ours is checked
+    # from the header and refuses them with INVALID_ARGUMENT (export/image.py).
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     repository = ModelRepository.load(config, metrics)
+    limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Only --workers shares the port; otherwise a second server on a busy port must fail.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+        # Connections that hold resources and do nothing (LimitsConfig says which).
+        ("grpc.keepalive_time_ms", _ms(limits.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(limits.keepalive_timeout_s)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms",
+         _ms(limits.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_s)),
     ]
-    server = grpc.aio.server(options=options)
+    if limits.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_s)))
+    server = grpc.aio.server(options=options,
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     servicer = InferenceServicer(repository, config)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _LenientParsing(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

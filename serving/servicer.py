@@ -15,12 +15,19 @@ from typing import Any, TypeVar
 import grpc
 
 from cnnctl import __version__
-from cnnctl.errors import CnnctlError, NotEnabledError, UnavailableError
+from cnnctl.errors import (
+    CnnctlError,
+    NotEnabledError,
+    OverloadedError,
+    UnavailableError,
+    UsageError,
+)
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
+from cnnctl.serving.codec import Images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
 from cnnctl.serving.shm import SharedMemoryRegistry
@@ -37,6 +44,26 @@ T = TypeVar("T")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]
 
 
+class Malformed:
+    """A request message that did not parse: what ``lenient`` hands the handler instead."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.message = f"malformed {kind}: {error}"
+
+
+def lenient(parse: Callable[[bytes], Any], kind: str) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: a message that does not parse reaches the
+    handler as Malformed, and is answered INVALID_ARGUMENT (gRPC would answer UNKNOWN)."""
+
+    def parse_or_flag(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or anything
+            return Malformed(kind, exc)
+
+    return parse_or_flag
+
+
 def _status_on_error(handler: Handler[T]) -> Handler[T]:
     """The RPC handler (anything that returns an awaitable), its failures answered with the
     status their exception maps to (serving/errors.py): every error leaves a handler this way."""
@@ -44,6 +71,8 @@ def _status_on_error(handler: Handler[T]) -> Handler[T]:
     @functools.wraps(handler)
     async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if request.__class__ is Malformed:
+                raise UsageError(request.message)
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the status table
             code, message = status_for(exc)
@@ -63,6 +92,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._no_streams.set()
         self.draining = False  # True from the shutdown signal on: ServerReady says false
         self.active = 0  # inference RPCs being answered
+        # Bytes held by requests accepted and not yet answered (Codec.bytes_per_image says what
+        # a request counts), bounded by --max-pending-mb.
+        self.pending_bytes = 0
+        self._max_pending = config.limits.max_pending_bytes
         self._idle = asyncio.Event()
         self._idle.set()
         # Image decoding is CPU work: a small pool beside the inference threads.
@@ -101,14 +134,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._idle.set()
 
     # -- health and metadata
+    @_status_on_error
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @_status_on_error
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=not self.draining and all(m.ready for m in self.repo))
 
+    @_status_on_error
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         providers = sorted({m.runtime.info.provider for m in self.repo})
@@ -117,6 +153,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=__version__,
             extensions=[*EXTENSIONS, *shm, *(f"cnnctl:execution_provider={p}" for p in providers)])
 
+    @_status_on_error
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         # A probe gets an answer, not an error: an unknown model is simply not ready.
@@ -154,6 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                   and (not request.version or m.version == request.version)]
         return pb.ModelStatisticsResponse(model_stats=[m.metrics.statistics() for m in chosen])
 
+    @_status_on_error
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
@@ -213,8 +251,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.infer(request, deadline)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                               context: grpc.aio.ServicerContext) -> None:
         # Requests of one stream are computed concurrently (so they can share batches); each
         # answer carries its request's id, and an error is an answer too, not the stream's end.
         # When the server stops accepting (shutdown), the stream reads no more requests, sends
@@ -222,19 +259,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # not hold the shutdown for the whole grace period.
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        # The stream's own deadline bounds each of its requests (as does each one's "timeout").
+        deadline = (loop.time() + remaining if remaining is not None
+                    and remaining < _NO_DEADLINE_S else None)
         answers: asyncio.Queue[Any] = asyncio.Queue()  # answers, then _END; or _STOP
+        # A request read takes a slot until its answer is sent: a client that sends and never
+        # reads holds max_stream_inflight requests, and gRPC's flow control holds the rest.
+        slots = asyncio.Semaphore(self.config.limits.max_stream_inflight)
         # The requests not answered yet, and only those: a long-lived stream would otherwise
         # keep every request's finished task.
         waiting: set[asyncio.Task[None]] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
+                if req.__class__ is Malformed:
+                    raise UsageError(req.message)
                 answer = pb.ModelStreamInferResponse(
-                    infer_response=await self.infer(req, None, accepted=True))
+                    infer_response=await self.infer(req, deadline, accepted=True))
             except Exception as exc:  # noqa: BLE001
                 _, message = status_for(exc)
-                answer = pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(
+                answer = pb.ModelStreamInferResponse(error_message=message)
+                if req.__class__ is not Malformed:
+                    answer.infer_response.CopyFrom(pb.ModelInferResponse(
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
             finally:
                 # Itself, directly: a done callback would cost every request one more loop step.
@@ -243,7 +291,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
+                requests = request_iterator.__aiter__()
+                while True:
+                    await slots.acquire()
+                    try:
+                        req = await requests.__anext__()
+                    except StopAsyncIteration:
+                        break
                     waiting.add(asyncio.create_task(one(req)))
                 if waiting:  # not gather: cancelling this (shutdown) must not cancel them
                     await asyncio.wait(waiting)
@@ -257,7 +311,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while (answer := await answers.get()) is not _END:
                 if answer is _STOP:
                     break
-                yield answer
+                if not await _write(context, answer):
+                    return  # the client has gone
+                slots.release()
             else:
                 return  # the client is done sending, and every request is answered
             reader.cancel()  # shutting down: read no more requests ...
@@ -266,7 +322,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await asyncio.wait(waiting)
             while not answers.empty():
                 if isinstance(answer := answers.get_nowait(), pb.ModelStreamInferResponse):
-                    yield answer
+                    if not await _write(context, answer):
+                        return
             await context.abort(grpc.StatusCode.UNAVAILABLE, _STREAM_REFUSED)  # ... and end
         finally:
             self._streams.discard(answers)
@@ -285,20 +342,80 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model.metrics.request()
         self._enter()
+        cost = 0
         try:
+            if request.parameters:
+                deadline = _with_timeout(request, deadline)
             x, images, output_view = model.codec.decode(request, self.shm)
-            if x is None:  # encoded images: decoding them is CPU work, kept off the event loop
-                x = await asyncio.get_running_loop().run_in_executor(
-                    self._preprocess, model.codec.preprocess, images)
-            y = await model.infer(x, deadline)
+            # Bounded by now: decode refused more images than the max batch size.
+            need = request.ByteSize() + model.codec.bytes_per_image * (
+                images.count if x is None else len(x))
+            if self.pending_bytes + need > self._max_pending:
+                raise OverloadedError(
+                    f"the server holds {self.pending_bytes >> 10} KiB of requests not yet "
+                    f"answered; this one's {need >> 10} KiB more would be over --max-pending-mb "
+                    f"{self._max_pending >> 20}; retry later")
+            cost = need
+            self.pending_bytes += cost
+            if x is None:
+                y = await self._infer_images(model, images, deadline)
+            else:
+                y = await model.infer(x, deadline)
             response = model.codec.encode(request, y, output_view)
         except Exception as exc:
             model.metrics.failed(code_for(exc).name, time.perf_counter() - start)
             raise
         finally:
+            self.pending_bytes -= cost
             self._leave()
         model.metrics.succeeded(time.perf_counter() - start)
         return response
+
+    async def _infer_images(self, model: LoadedModel, images: Images,
+                            deadline: float | None) -> Any:
+        """Encoded images: decoded off the event loop (CPU work), their place in the model's
+        queue held meanwhile, so that they count toward its bound; not decoded at all once
+        the deadline has passed or the call is cancelled."""
+        loop = asyncio.get_running_loop()
+        expired = None if deadline is None else functools.partial(_passed, loop.time, deadline)
+        model.batcher.reserve()
+        try:
+            x = await loop.run_in_executor(self._preprocess, model.codec.preprocess, images,
+                                           expired)
+        except BaseException:
+            model.batcher.release()
+            raise
+        return await model.batcher.submit(x, deadline, reserved=True)
+
+
+async def _write(context: grpc.aio.ServicerContext, answer: pb.ModelStreamInferResponse) -> bool:
+    """Send one answer of a stream; False when the client has cancelled it or gone (a write
+    then fails, and gRPC would log the failure of a yielded answer with a traceback: a client
+    could fill the log by cancelling streams)."""
+    try:
+        await context.write(answer)
+    except Exception:  # noqa: BLE001 - grpc's ExecuteBatchError or InvalidStateError
+        return False
+    return True
+
+
+def _passed(now: Callable[[], float], deadline: float) -> bool:
+    return now() >= deadline
+
+
+def _with_timeout(request: pb.ModelInferRequest, deadline: float | None) -> float | None:
+    """The request's deadline, brought forward by its "timeout" parameter (µs, as Triton's
+    clients send it) when it has one."""
+    if "timeout" not in request.parameters:
+        return deadline
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or getattr(param, kind) <= 0:
+        value = getattr(param, kind) if kind else None
+        raise UsageError(f"parameter 'timeout' must be a positive integer (microseconds), got "
+                         f"{value!r}")
+    end = asyncio.get_running_loop().time() + getattr(param, kind) / 1e6
+    return end if deadline is None else min(deadline, end)
 
 
 def model_config(model: LoadedModel, config: ServerConfig) -> mc.ModelConfig:

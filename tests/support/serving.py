@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cnnctl.export.manifest import ImageSpec, Manifest, TensorSpec, file_entry, save_manifest
-from cnnctl.serving.config import BatchingConfig, ServerConfig
+from cnnctl.serving.config import BatchingConfig, LimitsConfig, ServerConfig
 
 
 def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None = None,
@@ -57,8 +57,11 @@ def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None
 def config_for(*dirs: Path, **overrides: Any) -> ServerConfig:
     batching = BatchingConfig(**{k: overrides.pop(k) for k in list(overrides)
                                  if k in BatchingConfig.__dataclass_fields__})
+    limits = LimitsConfig(**{k: overrides.pop(k) for k in list(overrides)
+                             if k in LimitsConfig.__dataclass_fields__})
     return ServerConfig(artifact_dirs=tuple(str(d) for d in dirs), host="127.0.0.1", port=0,
-                        batching=batching, device="cpu", intra_op_threads=1, **overrides)
+                        batching=batching, limits=limits, device="cpu", intra_op_threads=1,
+                        **overrides)
 
 
 @contextlib.asynccontextmanager

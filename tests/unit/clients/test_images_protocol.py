@@ -57,7 +57,7 @@ def test_expand_refuses_with_the_value_and_what_is_allowed(tmp_path) -> None:
 def test_png_is_lossless_and_bytes_layout_matches_the_server(digits: np.ndarray) -> None:
     png = encode_png(expand(digits[0])[0])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), digits[0])
-    assert split_bytes_tensor(pack_bytes([b"ab", b"", png]), "input") == [b"ab", b"", png]
+    assert split_bytes_tensor(pack_bytes([b"ab", b"", png]), "input", 3) == [b"ab", b"", png]
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:

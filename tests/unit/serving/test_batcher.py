@@ -282,6 +282,64 @@ def test_a_failed_merge_fails_only_its_batch_and_the_batcher_goes_on(
     run(main())
 
 
+@pytest.mark.parametrize("where", ["pool", "idle"])
+@pytest.mark.parametrize("failure", ["too few rows", "observer raises"])
+def test_a_failed_split_fails_only_its_batch_and_the_batcher_goes_on(where: str,
+                                                                     failure: str) -> None:
+    """Splitting the output back (or accounting for it) can fail too: a model that returns the
+    wrong number of rows must not hand requests each other's rows, and the batcher goes on."""
+
+    armed = False
+
+    class Broken(FakeModel):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            y = super().__call__(x)
+            return y[:-1] if failure == "too few rows" and armed and len(x) == 3 else y
+
+    class Observer:
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def queued_for(self, seconds: float) -> None:
+            pass
+
+        def executed(self, images: int, seconds: float, requests: int) -> None:
+            if failure == "observer raises" and armed and images == 3:
+                raise RuntimeError("observer broke")
+
+    async def main() -> None:
+        model = Broken(delay=0.02 if where == "pool" else 0.0)
+        inline = 0.0 if where == "pool" else 1e9
+        config = BatchingConfig(max_batch_size=8, max_queue_delay_ms=0, gather_max_ms=0,
+                                inline_below_us=inline, inline_full_below_us=inline)
+        b = Batcher("m", model, config, observer=Observer())
+        b.start()
+        nonlocal armed
+        for n in (1, 3):  # sizes measured: "idle" computes the request at once, in submit
+            await b.submit(rows(n, 9.0))
+        armed = True
+        if where == "idle":  # the request computed at once, in submit
+            x = rows(3, 2.0)
+            with pytest.raises(Exception) as info:
+                await b.submit(x)
+        else:
+            busy = asyncio.create_task(b.submit(rows(1, 1.0)))
+            await asyncio.sleep(0.005 if where == "pool" else 0)
+            merged = [asyncio.create_task(b.submit(x)) for x in (rows(1, 2.0), rows(2, 2.0))]
+            results = await asyncio.wait_for(asyncio.gather(*merged, return_exceptions=True), 5)
+            await busy
+            assert len({type(r) for r in results}) == 1
+            info = pytest.ExceptionInfo.from_exc_info((type(results[0]), results[0], None))
+        expected = ("^model 'm' returned output of shape \\[2, 1\\] for a batch of 3 images$"
+                    if failure == "too few rows" else "^observer broke$")
+        assert info.match(expected)
+        out = await asyncio.wait_for(b.submit(rows(1, 4.0)), 5)
+        np.testing.assert_allclose(out, [[32.0]])
+        await asyncio.wait_for(b.drain(), 5)
+
+    run(main())
+
+
 def test_drain_answers_everything_queued_then_refuses() -> None:
     async def main() -> None:
         model = FakeModel(delay=0.01)
