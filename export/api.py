@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -21,8 +20,8 @@ from typing import Any
 from cnnctl import __version__
 from cnnctl.errors import ArtifactError, DataError, UsageError, known
 from cnnctl.export.manifest import (
-    PRECISIONS, FileEntry, ImageSpec, Manifest, TensorSpec, file_entry, load_manifest,
-    save_manifest, sha256_file,
+    NAME_RULE, PRECISIONS, FileEntry, ImageSpec, Manifest, TensorSpec, file_entry, is_safe_name,
+    load_manifest, save_manifest, sha256_file, shown,
 )
 from cnnctl.files import fsync_dir
 
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript", "all", "triton")
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 TORCHSCRIPT_FILE = "model.pt"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -139,9 +137,10 @@ def export_checkpoint(
 
     what = plan(formats, precision, triton)
     ckpt, source = resolve_checkpoint(checkpoint, model_name)
-    name = name or ckpt["model"]
-    if not _NAME.match(name):
-        raise UsageError(f"invalid artifact name {name!r}: use letters, digits, '_', '.', '-'")
+    name, version = name or ckpt["model"], str(version)
+    for key, value in (("name", name), ("version", version)):
+        if not is_safe_name(value):
+            raise UsageError(f"invalid model {key} {shown(value)}; allowed: {NAME_RULE}")
     if opset is not None and not 7 <= opset <= 30:
         raise UsageError(f"--opset {opset} is out of range; allowed 7..30 (default: the exporter's)")
     out = Path(out_dir) if out_dir is not None else default_out_dir(name)
@@ -216,7 +215,7 @@ def export_checkpoint(
             verification["int8_calibration"] = {"dataset": calibration_source,
                                                 "images": calibration_images}
         manifest = Manifest(
-            name=name, model=ckpt["model"], version=str(version), files=files,
+            name=name, model=ckpt["model"], version=version, files=files,
             input=input_spec, output=output_spec, image=ImageSpec(c, h, w, mean, std),
             class_names=[str(n) for n in ckpt["class_names"]], opset=used_opset,
             verification=verification, source=source,

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import click
 
+from cnnctl.export.manifest import NAME_RULE, is_safe_name, shown
+
 # The ONNX exporter's optimiser logs every pass at INFO; that is debug detail for cnnctl users.
 _CHATTY = ("onnxscript", "onnx_ir")
+
+
+def _safe_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Served names and versions go into URLs, directory names and log lines: a safe set only."""
+    if value is not None and not is_safe_name(value):
+        raise click.BadParameter(f"{shown(value)} is not allowed; allowed: {NAME_RULE}")
+    return value
 
 
 @click.command("export")
@@ -33,8 +42,10 @@ _CHATTY = ("onnxscript", "onnx_ir")
               help="How many held-out images to verify on.")
 @click.option("--model", "model_name", default=None,
               help="Model name, to export a bare state_dict (a seed script's file).")
-@click.option("--name", default=None, help="Served model name [default: the model name].")
-@click.option("--version", "version", default="1", show_default=True, help="Model version.")
+@click.option("--name", default=None, callback=_safe_name,
+              help="Served model name [default: the model name].")
+@click.option("--version", "version", default="1", show_default=True, callback=_safe_name,
+              help="Model version.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--verify-only", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Re-verify this existing artifact directory against CHECKPOINT; write nothing.")

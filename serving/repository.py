@@ -1,9 +1,10 @@
 """Artifact directories → loaded models, looked up by name and version.
 
-Each artifact directory (written by ``cnnctl export``) holds a manifest.json; ``load_manifest``
-checks every listed file's sha256 before anything is loaded. ``--repository DIR`` serves every
-artifact directory found in DIR, one or two levels down (DIR/name/ or DIR/name/version/). Several
-versions of one model may be served; an empty version in a request means the highest.
+Each artifact directory (written by ``cnnctl export``) holds a manifest.json, which
+``load_manifest`` checks; the runtime then reads each model file it serves once, checks its sha256
+and builds the sessions from those bytes. ``--repository DIR`` serves every artifact directory found
+in DIR, one or two levels down (DIR/name/ or DIR/name/version/). Several versions of one model may
+be served; an empty version in a request means the highest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import numpy as np
 
 from cnnctl.errors import ArtifactError, NotFoundError, UsageError, known
 from cnnctl.export.image import PixelLimits
-from cnnctl.export.manifest import MANIFEST_NAME, Manifest, load_manifest
+from cnnctl.export.manifest import (
+    MANIFEST_NAME, NAME_RULE, Manifest, is_safe_name, load_manifest, shown,
+)
 from cnnctl.serving.batcher import Batcher
 from cnnctl.serving.codec import Codec
 from cnnctl.serving.config import ServerConfig
@@ -29,11 +32,22 @@ log = logging.getLogger(__name__)
 
 
 def find_artifact_dirs(repository: str | Path) -> list[Path]:
+    """DIR/name/ and DIR/name/version/ holding a manifest. Hidden directories are skipped: they
+    are `cnnctl export`'s work in progress (.name.tmp-*) or what it is replacing (.name.old-*)."""
     root = Path(repository)
     if not root.is_dir():
         raise ArtifactError(f"--repository {str(root)!r} is not a directory")
-    found = [p.parent for p in sorted(root.glob(f"*/{MANIFEST_NAME}"))]
-    found += [p.parent for p in sorted(root.glob(f"*/*/{MANIFEST_NAME}"))]
+    found = []
+    for pattern in (f"*/{MANIFEST_NAME}", f"*/*/{MANIFEST_NAME}"):
+        for manifest in sorted(root.glob(pattern)):
+            parts = manifest.parent.relative_to(root).parts
+            if any(part.startswith(".") for part in parts):
+                continue
+            for part in parts:
+                if not is_safe_name(part):
+                    raise ArtifactError(f"--repository {str(root)!r}: directory {shown(part)} is "
+                                        f"not allowed; allowed: {NAME_RULE}")
+            found.append(manifest.parent)
     if not found:
         raise ArtifactError(f"--repository {str(root)!r} holds no artifact directories (no "
                             f"*/{MANIFEST_NAME} or */*/{MANIFEST_NAME}); write them with "
@@ -86,7 +100,9 @@ class ModelRepository:
         models = []
         pixel_limits = PixelLimits(config.limits.max_image_pixels, config.limits.max_request_pixels)
         for d in dirs:
-            manifest = load_manifest(d)  # checks every file's sha256 first
+            # The runtime reads each file it serves once, checks that read and loads it: a
+            # separate check here first would leave a window for the file to change.
+            manifest = load_manifest(d, verify_files=False)
             runtime = OrtModel(d, manifest, device=config.device, instances=config.instances,
                                intra_op_threads=config.intra_op_threads)
             model_metrics = metrics.for_model(manifest.name, manifest.version)

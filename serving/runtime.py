@@ -4,6 +4,9 @@ The execution provider is chosen once per process. "Usable" means the CUDA drive
 and a CUDA session really initialises: onnxruntime-gpu lists CUDAExecutionProvider on every
 machine, and on one without a GPU a session asking for it logs a screenful of errors before
 falling back; we probe with the driver first and silence the native stderr while trying.
+
+Every session, the probe's included, is built from the bytes ``read_file`` checked against the
+manifest, never from the path: a file replaced after the check is not what ORT loads.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cnnctl.errors import ArtifactError, UsageError
-from cnnctl.export.manifest import Manifest
+from cnnctl.export.manifest import Manifest, read_file
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ _cuda_lock = threading.Lock()
 _cuda_usable: bool | None = None
 
 
-def cuda_usable(probe_model: str | Path | None = None) -> bool:
+def cuda_usable(probe_model: bytes | None = None) -> bool:
     """True when ORT's CUDA provider is listed, the driver loads and a session really uses CUDA."""
     global _cuda_usable
     with _cuda_lock:
@@ -76,7 +79,7 @@ def cuda_usable(probe_model: str | Path | None = None) -> bool:
             opts.log_severity_level = 4
             try:
                 with _quiet_stderr():
-                    sess = ort.InferenceSession(str(probe_model), opts, providers=[CUDA, CPU])
+                    sess = ort.InferenceSession(probe_model, opts, providers=[CUDA, CPU])
                 usable = sess.get_providers()[0] == CUDA
             except Exception:  # noqa: BLE001 - any failure means "not usable"
                 usable = False
@@ -84,7 +87,7 @@ def cuda_usable(probe_model: str | Path | None = None) -> bool:
         return usable
 
 
-def choose_provider(device: str, probe_model: str | Path) -> str:
+def choose_provider(device: str, probe_model: bytes) -> str:
     if device == "cpu":
         return CPU
     if cuda_usable(probe_model):
@@ -103,8 +106,9 @@ INLINE_SESSION_MAX_BYTES = 16 << 20
 PARALLEL_FROM_S = 500e-6
 
 
-def new_session(path: Path, providers: list[str], threads: int) -> Any:
-    """An ORT session as `cnnctl serve` runs them (bench/serve_speed.py times the same one)."""
+def new_session(model: bytes | Path, providers: list[str], threads: int) -> Any:
+    """An ORT session as `cnnctl serve` runs them (bench/serve_speed.py times the same one), from
+    the serialized model (what the server passes) or a path."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -118,7 +122,24 @@ def new_session(path: Path, providers: list[str], threads: int) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                   providers=providers)
+    # ORT's Python wrapper keeps the serialized model for the session's lifetime for one use:
+    # rebuilding the session on the CPU when a CUDA run fails. A server would rather see that
+    # batch fail than hold a second copy of every model, so fallback is off and the copy dropped.
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return session
+
+
+def _session(path: Path, data: bytes, providers: list[str], threads: int) -> Any:
+    try:
+        return new_session(data, providers, threads)
+    except Exception as exc:  # noqa: BLE001 - ORT's own error types; the file passed its checks
+        message = " ".join(str(exc).split())  # one line: ORT's messages span several
+        raise ArtifactError(f"{path}: onnxruntime cannot load it ({message[:300]}); cnnctl serves "
+                            f"single-file ONNX models as `cnnctl export` writes them") from None
 
 
 @dataclass(frozen=True)
@@ -142,12 +163,14 @@ class OrtModel:
         if fp32 is None:
             raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX file; re-export with "
                                 f"`cnnctl export --format onnx`")
-        provider = choose_provider(device, artifact_dir / fp32.path)
-        entry = fp32
-        if provider == CUDA:
-            entry = manifest.file("onnx", "fp16") or fp32
-        if entry.precision not in ("fp32", "fp16"):
-            raise ArtifactError(f"{artifact_dir}: cannot serve an {entry.precision} ONNX file")
+        if fp32.precision not in ("fp32", "fp16"):
+            raise ArtifactError(f"{artifact_dir}: cannot serve an {fp32.precision} ONNX file")
+        entry, data = fp32, read_file(artifact_dir, fp32)
+        provider = choose_provider(device, data)
+        fp16 = manifest.file("onnx", "fp16")
+        if provider == CUDA and fp16 is not None and fp16 is not fp32:
+            del data  # the fp32 bytes were only the probe's
+            entry, data = fp16, read_file(artifact_dir, fp16)
         # A big batch gets every core of its instance, though the gRPC loop shares them; a small
         # one runs in a 1-thread session of its own (model files up to INLINE_SESSION_MAX_BYTES),
         # where waking a second thread costs more than it saves.
@@ -155,14 +178,15 @@ class OrtModel:
         threads = intra_op_threads or max(1, cores // max(1, instances))
         providers = [CUDA, CPU] if provider == CUDA else [CPU]
         path = artifact_dir / entry.path
-        self.session = new_session(path, providers, threads)
+        self.session = _session(path, data, providers, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self._single = self.session
         self._parallel_from = 1  # images: batches this large use self.session
-        if (provider == CPU and threads > 1
-                and path.stat().st_size <= INLINE_SESSION_MAX_BYTES):
-            self._single = new_session(path, providers, 1)
+        if provider == CPU and threads > 1 and len(data) <= INLINE_SESSION_MAX_BYTES:
+            self._single = _session(path, data, providers, 1)
+        del data  # each session holds its own copy of the model; ours is not needed any more
+        if self._single is not self.session:
             self._parallel_from = self._calibrate(manifest)
         self.info = RuntimeInfo(self.session.get_providers()[0], entry.precision, str(path), threads,
                                 self._single is not self.session, self._parallel_from)

@@ -54,3 +54,16 @@ def test_missing_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
     done = cnnctl(str(tmp_path / "nope.pt"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: checkpoint {str(tmp_path / 'nope.pt')!r} does not exist"
+
+
+@pytest.mark.parametrize("option,value", [("--name", "../evil\nINFO forged"), ("--name", "a" * 129),
+                                          ("--version", "1/../2")])
+def test_unsafe_name_or_version_is_one_line_exit_2_before_any_work(
+        tmp_path: Path, option: str, value: str) -> None:
+    done = cnnctl(str(tmp_path / "nope.pt"), option, value, cwd=tmp_path)  # the checkpoint: unread
+    assert done.returncode == 2
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "…"
+    assert done.stderr == (
+        f"error: Invalid value for '{option}': {shown} is not allowed; allowed: 1-128 letters, "
+        f"digits, '_', '.', '-', starting with a letter or digit, without '..' "
+        f"(see 'cnnctl export -h')\n")

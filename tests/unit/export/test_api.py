@@ -87,7 +87,7 @@ def test_tampered_file_is_refused_by_load_manifest_and_verify_path(
     shutil.copytree(artifact, copy)
     with open(copy / victim, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ArtifactError, match="sha256 .* does not match"):
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
         load_manifest(copy)
     with pytest.raises(ArtifactError, match="refusing to load it"):
         api.verify_artifact_dir(copy, trained_checkpoints["lenet5"], verify_images=50)
@@ -146,7 +146,9 @@ def test_failed_verification_writes_nothing(
     ({"formats": "tflite"}, "unknown export format 'tflite'; known: onnx, torchscript"),
     ({"precision": "int4"}, "unknown precision 'int4'; known: fp32, fp16, int8"),
     ({"formats": "torchscript", "precision": "fp16"}, "applies to ONNX files"),
-    ({"name": "../evil"}, "invalid artifact name '../evil'"),
+    ({"name": "../evil"}, "invalid model name '../evil'; allowed: 1-128 letters, digits"),
+    ({"name": "a..b"}, "invalid model name 'a..b'; allowed: 1-128 letters, digits"),
+    ({"version": "1/2"}, "invalid model version '1/2'; allowed: 1-128 letters, digits"),
     ({"opset": 3}, "--opset 3 is out of range"),
 ])
 def test_bad_arguments_name_value_and_allowed(
