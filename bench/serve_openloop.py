@@ -1,4 +1,5 @@
-"""Closed-loop and open-loop load side by side, on `cnnctl serve` variants (lenet5, batch-1).
+"""Closed-loop and open-loop load side by side, on `cnnctl serve` variants (lenet5; closed loops
+batch-1, or --batch N).
 
     flock /tmp/cnnctl-bench.lock .venv/bin/python bench/serve_openloop.py \\
         --server "main=/path/to/main/.venv/bin/python" --server "new=.venv/bin/python" \\
@@ -44,6 +45,7 @@ from serve_speed import cpu_seconds, git_revision, measure  # noqa: E402
 
 RESULTS = BENCH / "results" / "serve_openloop.json"
 SHAPE = [1, 1, 32, 32]
+BATCH = 1  # images per closed-loop request (--batch); open loops send batch-1 requests
 
 
 class Server:
@@ -80,7 +82,7 @@ class Server:
 
 
 def closed_loop(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
-    return measure(server.address, "lenet5", SHAPE, concurrency, seconds,
+    return measure(server.address, "lenet5", [BATCH, *SHAPE[1:]], concurrency, seconds,
                    server_pid=server.proc.pid)
 
 
@@ -222,6 +224,8 @@ def main() -> None:
                    help="closed loop: measured seconds per point; open loop: perf_analyzer's "
                    "measurement window")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per closed-loop request (open loops: always 1)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: print JSON's table")
@@ -229,6 +233,8 @@ def main() -> None:
     if args.replot:
         print(table(json.loads(args.replot.read_text())))
         return
+    global BATCH
+    BATCH = args.batch
     names = [name for name, _, _ in args.server]
     if len(set(names)) != len(names):
         p.error(f"--server names must differ: {', '.join(names)}")
