@@ -25,9 +25,9 @@ from cnnctl.errors import (
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
+from cnnctl.serving.codec import Images
 from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import code_for, status_for
-from cnnctl.serving.codec import Images
 from cnnctl.serving.repository import LoadedModel, ModelRepository
 from cnnctl.serving.runtime import CUDA
 from cnnctl.serving.shm import Caller, PeerUsers, SharedMemoryRegistry
