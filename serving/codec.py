@@ -62,7 +62,7 @@ class Images:
     # KServe's raw BYTES layout, the typed contents' elements, or (shared memory) a function that
     # reads the layout: called in preprocess, off the event loop
     data: Union[bytes, list[bytes], Callable[[], bytes]]
-    held: int = 0  # bytes it will take besides the request message (for --max-pending-mb)
+    nbytes: int  # of the encoded images, in the message or read from shared memory (twice)
 
 
 # What decode gives: (tensor, images, shared output). One of the first two is None: the tensor
@@ -161,7 +161,8 @@ class Codec:
         """The encoded images, to be split (raw layouts) and decoded off the event loop."""
         count = layout.shape[0]
         if layout.source is RAW:
-            return Images(count, request.raw_input_contents[0])
+            raw = request.raw_input_contents[0]
+            return Images(count, raw, len(raw))
         if layout.source is SHM:
             name, offset, size = layout.input_shm  # type: ignore[misc]
 
@@ -170,12 +171,13 @@ class Codec:
                 shm.read_into(name, offset, data, self._input)  # type: ignore[union-attr]
                 return bytes(data)
 
-            return Images(count, read, held=2 * size)
+            return Images(count, read, 2 * size)
         contents = request.inputs[0].contents.bytes_contents
         if len(contents) != count:  # before listing them: a request may hold millions
             raise UsageError(f"{self._input}: shape {_fmt(layout.shape)} says {count} images but "
                              f"the contents hold {len(contents)}")
-        return Images(count, list(contents))
+        items = list(contents)
+        return Images(count, items, sum(map(len, items)))
 
     def _check(self, request: pb.ModelInferRequest,
                shm: Caller | None) -> Layout:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "cnnctl"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 PLATFORM = "onnxruntime_onnx"
+_MESSAGE_OVERHEAD = 1024  # a request's fields besides its data, counted toward --max-pending-mb
 _NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
 _STREAM_REFUSED = "the server is shutting down; this stream takes no more requests"
 _END, _STOP = object(), object()  # in a stream's answer queue: all answered; shutting down
@@ -358,10 +359,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.parameters:
                 deadline = _with_timeout(request, deadline)
             x, images, output_view = model.codec.decode(request, shm)
-            # Bounded by now: decode refused more images than the max batch size.
-            need = request.ByteSize() + (
-                model.codec.bytes_per_image * len(x) if images is None
-                else model.codec.bytes_per_image * images.count + images.held)
+            # Bounded by now: decode refused more images than the max batch size. Not
+            # request.ByteSize(): protobuf computes it by serializing the message again.
+            need = _MESSAGE_OVERHEAD + (
+                model.codec.bytes_per_image * len(x) + x.nbytes if images is None
+                else model.codec.bytes_per_image * images.count + images.nbytes)
             if self.pending_bytes + need > self._max_pending:
                 raise OverloadedError(
                     f"the server holds {self.pending_bytes >> 10} KiB of requests not yet "

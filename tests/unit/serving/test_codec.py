@@ -383,13 +383,13 @@ def test_encoded_images_from_raw_contents_and_shared_memory(registry: Caller, tm
         np.testing.assert_array_equal(codec.preprocess(images), to_tensor(pngs, MANIFEST.image))
         assert (view is None) == (req is not in_shm)
     assert checks == [3]  # raw and shared memory once each; typed contents each time
-    x = codec.preprocess(Images(2, pngs))
+    x = codec.preprocess(Images(2, pngs, sum(map(len, pngs))))
     assert x.dtype == np.float32 and x.shape == (2, 1, 32, 32)
     np.testing.assert_allclose(x[0], (0.0 - 0.1) / 0.3, rtol=1e-6)  # black, then white
     np.testing.assert_allclose(x[1], (1.0 - 0.1) / 0.3, rtol=1e-6)
     np.testing.assert_array_equal(x, to_tensor(pngs, MANIFEST.image))
     with pytest.raises(CnnctlError) as info:
-        codec.preprocess(Images(2, [pngs[0], b"not a png"]))
+        codec.preprocess(Images(2, [pngs[0], b"not a png"], 0))
     assert status_for(info.value) == (BAD, "input 'input': element 1 (9 bytes) is not a "
                                            "PNG or JPEG image; allowed: PNG, JPEG")
     short = pb.ModelInferRequest()

@@ -285,13 +285,13 @@ def test_bytes_held_by_unanswered_requests_are_bounded(artifacts: dict[str, Path
             model = server.repository.get("lenet5")
             monkeypatch.setattr(model.batcher, "_run", gate.wrap(model.batcher._run))
             s = stub(ch)
-            # each counts 256 KiB of message, and its float32 input and output: 514 KiB
+            # each counts its 256 KiB of data, its float32 input and output, and 1 KiB: 515 KiB
             x = np.zeros((64, 1, 32, 32), np.float32)
             held = asyncio.ensure_future(s.ModelInfer(infer_request(x)))
             await asyncio.sleep(0.3)
             await expect_error(s.ModelInfer, infer_request(x), FULL,
-                               "the server holds 514 KiB of requests not yet answered; this "
-                               "one's 514 KiB more would be over --max-pending-mb 1; retry later")
+                               "the server holds 515 KiB of requests not yet answered; this "
+                               "one's 515 KiB more would be over --max-pending-mb 1; retry later")
             gate.opened.set()
             assert (await held).outputs[0].shape == [64, 10]
             assert server.servicer.pending_bytes == 0
