@@ -15,7 +15,8 @@ import click
 from cnnctl.clients.client import Client
 from cnnctl.errors import UsageError
 
-SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)."
+SERVER_HELP = ("Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS); several, "
+               "comma-separated, or dns:///HOST:PORT: calls are balanced round robin.")
 
 
 def _tls_options(f: Any) -> Any:

@@ -41,6 +41,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EXIT_USER_ERROR = 2
+# Modules the base install leaves out -> the extra that brings them (pyproject.toml).
+EXTRA_FOR_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train",
+                    "onnxscript": "train"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line explanation for a module an extra would have installed, else None."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"this needs {top}, which the base install leaves out (it serves, predicts and "
+            f"benches); install the '{extra}' extra: pip install 'cnnctl[{extra}]'")
 
 
 class LazyGroup(click.Group):
@@ -101,3 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        command = next((a for a in (argv if argv is not None else sys.argv[1:])
+                        if a in COMMANDS), None)
+        click.echo(f"error: cnnctl {command or ''} {message}".replace("  ", " "), err=True)
+        sys.exit(EXIT_USER_ERROR)
