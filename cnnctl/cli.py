@@ -46,13 +46,14 @@ EXTRA_FOR_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train",
                     "onnxscript": "train"}
 
 
-def missing_extra(exc: ModuleNotFoundError) -> str | None:
+def missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
     """The one-line explanation for a module an extra would have installed, else None."""
     top = (exc.name or "").split(".")[0]
     extra = EXTRA_FOR_MODULE.get(top)
     if extra is None:
         return None
-    return (f"this needs {top}, which the base install leaves out (it serves, predicts and "
+    what = f"cnnctl {command}" if command else "this command"
+    return (f"{what} needs {top}, which the base install leaves out (it serves, predicts and "
             f"benches); install the '{extra}' extra: pip install 'cnnctl[{extra}]'")
 
 
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except ModuleNotFoundError as exc:
-        message = missing_extra(exc)
-        if message is None:
-            raise
         command = next((a for a in (argv if argv is not None else sys.argv[1:])
                         if a in COMMANDS), None)
-        click.echo(f"error: cnnctl {command or ''} {message}".replace("  ", " "), err=True)
+        message = missing_extra(exc, command)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
         sys.exit(EXIT_USER_ERROR)
