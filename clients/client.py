@@ -309,6 +309,20 @@ class Client(_ClientBase):
     def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
         return self._call("ServerMetadata", pb.ServerMetadataRequest(), self._deadline(timeout))
 
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """gRPC health checking (grpc.health.v1): the status name of ``service`` ("" = the
+        server; cnnctl serve also answers "live" and each model's name), e.g. "SERVING"."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = self._deadline(timeout)
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._remaining(deadline, "Check"))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, attempts=1) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
     def wait_until_ready(self, timeout: float = 30.0, poll: float = 0.1) -> None:
         """Block until the server answers ready; Unavailable when ``timeout`` passes first."""
         deadline = time.monotonic() + timeout

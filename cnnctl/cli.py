@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "of them) on a running server."),
     "bench": ("cnnctl.clients.commands:bench", "Throughput and p50/p90/p99 latency of a running "
               "server at each concurrency level."),
+    "health": ("cnnctl.clients.commands:health", "Check a server's gRPC health (for container "
+               "health checks); exit 0 when SERVING."),
     "demo": ("cnnctl.demo:demo", "Train, export, serve and query a model end to end, offline, on "
              "the embedded MNIST sample."),
 }

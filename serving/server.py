@@ -1,7 +1,8 @@
 """The gRPC server: create_server(config) -> (server, port), and serve() until SIGTERM/SIGINT.
 
 Graceful shutdown, in order (all within grace_s):
-1. health goes NOT_SERVING and ServerReady false, so balancers stop sending;
+1. health goes NOT_SERVING (all names but ``live``) and ServerReady false, so balancers stop
+   sending;
 2. for drain_delay_s everything that arrives is still answered: requests a client sent just
    before the signal may still be on the wire or waiting in gRPC's queue of calls not yet handed
    to a handler, and grpc's own stop() would cancel those;
@@ -38,6 +39,10 @@ from cnnctl.serving.servicer import InferenceServicer, lenient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The health service name for liveness: SERVING from start until the process exits, draining
+# included (Kubernetes' liveness probe must not kill a pod that is draining). Every other name
+# ("", the service, each model) means ready to take requests.
+LIVE = "live"
 # At shutdown, once every request taken in is answered: how long gRPC may still take to send the
 # last answers before it cancels the calls it holds (s).
 FLUSH_S = 5.0
@@ -57,9 +62,7 @@ class InferenceServer:
     async def start(self) -> None:
         self.repository.start()
         await self.grpc_server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        for name in self.repository.names():
+        for name in ("", LIVE, SERVICE_NAME, *self.repository.names()):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
@@ -71,7 +74,8 @@ class InferenceServer:
         linger = self.config.drain_delay_s if linger is None else linger
         end = loop.time() + grace
         self.servicer.draining = True
-        await self.health.enter_graceful_shutdown()
+        for name in ("", SERVICE_NAME, *self.repository.names()):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(linger, grace))
         self.servicer.stop_accepting()
         try:
