@@ -24,6 +24,7 @@ Imports grpc, numpy and (lazily) PIL; never torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -54,6 +55,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # serialised once, not per call.
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+# Several servers: calls round robin over those whose gRPC health is SERVING, so a draining
+# server (cnnctl serve turns NOT_SERVING on SIGTERM) gets no new calls; servers without the
+# health service count as healthy.
+BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                      "healthCheckConfig": {"serviceName": ""}})
 
 
 
@@ -182,7 +188,7 @@ class _ClientBase:
         elif self._authority:  # several servers: TLS checks the first name given
             options.append(("grpc.default_authority", self._authority))
         if "," in self.target or self.target.startswith("dns:"):
-            options.append(("grpc.lb_policy_name", "round_robin"))
+            options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
         return options
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
