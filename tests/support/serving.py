@@ -117,8 +117,8 @@ class CliServer:
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1", "--port", "0",
-             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [python or sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1",
+             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             cwd=cwd)
         self.lines: list[str] = []
         # A reader thread, not select() on the pipe: a buffered readline may already hold the line.
