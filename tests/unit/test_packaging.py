@@ -56,8 +56,12 @@ def test_stubs_register_in_cnnctls_own_pool() -> None:
     from cnnctl.protos import grpc_service_pb2 as pb
 
     assert pb.DESCRIPTOR.pool is protos.POOL
-    with pytest.raises(KeyError):
-        descriptor_pool.Default().FindMessageTypeByName("inference.ModelInferRequest")
+    assert pb.ModelInferRequest.DESCRIPTOR.file.pool is protos.POOL
+    try:  # present only if something (tritonclient) registered Triton's own stubs
+        theirs = descriptor_pool.Default().FindMessageTypeByName("inference.ModelInferRequest")
+    except KeyError:
+        return
+    assert theirs is not pb.ModelInferRequest.DESCRIPTOR
 
 
 @pytest.fixture(scope="module")
