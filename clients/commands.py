@@ -180,7 +180,11 @@ def health(server: str, service: str, timeout: float, tls: bool, root_certs: str
                     private_key=client_key) as client:
             status = client.health(service)
     except ClientError as exc:
-        click.echo(f"{server}: {exc.code.name}: {exc.message}", err=True)
+        if exc.code.name == "NOT_FOUND":
+            click.echo(f"{server}: NOT_FOUND: no health service {service!r} (cnnctl serve "
+                       f"answers '', 'live' and each model's name)", err=True)
+        else:
+            click.echo(f"{server}: {exc.code.name}: {exc.message}", err=True)
         raise SystemExit(1) from None
     click.echo(status)
     if status != "SERVING":
