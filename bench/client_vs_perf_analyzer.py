@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,10 +31,9 @@ PA = "perf_analyzer"
 
 
 def perf_analyzer_env() -> dict[str, str]:
-    import nvidia.cuda_runtime  # the pip wheel with libcudart.so.12
+    import perf_analyzer  # bench/perf_analyzer.py: which binary, and its libraries
 
-    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
-    return {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    return perf_analyzer.env()
 
 
 def run_perf_analyzer(address: str, model: str, concurrency: int, window_ms: int,
@@ -43,7 +41,9 @@ def run_perf_analyzer(address: str, model: str, concurrency: int, window_ms: int
                       rate: float | None = None) -> dict | None:
     """One perf_analyzer measurement; ``extra``: more flags (e.g. --shared-memory system).
     ``rate``: open loop, Poisson arrivals at this many requests/s, instead of ``concurrency``."""
-    exe = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent)) or "perf_analyzer"
+    import perf_analyzer
+
+    exe = perf_analyzer.find()
     load = (["--request-rate-range", f"{rate}:{rate}", "--request-distribution", "poisson"]
             if rate else ["--concurrency-range", f"{concurrency}:{concurrency}"])
     cmd = [exe, "-m", model, "-u", address, "-i", "grpc", "-b", str(batch), *load,

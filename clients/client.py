@@ -24,7 +24,9 @@ Imports grpc, numpy and (lazily) PIL; never torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +55,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # serialised once, not per call.
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+# Several servers: calls round robin over those whose gRPC health is SERVING, so a draining
+# server (cnnctl serve turns NOT_SERVING on SIGTERM) gets no new calls; servers without the
+# health service count as healthy.
+BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                      "healthCheckConfig": {"serviceName": ""}})
 
 
 
@@ -74,6 +81,47 @@ def parse_url(url: str) -> tuple[str, bool]:
     return f"{host}:{port}", tls
 
 
+def balanced_target(urls: str | Sequence[str]) -> tuple[str, bool, str | None]:
+    """One or several server addresses → (gRPC target, tls, authority to present or None).
+
+    Several (a sequence, or one string with commas) become one channel that balances calls over
+    all of them round robin (``_options``): each name is resolved now, to all its addresses,
+    and a server that goes away is skipped until it is back. ``dns:///host:port`` is passed to
+    gRPC's resolver as is (a Kubernetes headless Service: every pod's address, re-resolved).
+    """
+    if isinstance(urls, str):
+        urls = [u.strip() for u in urls.split(",")]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise UsageError("no server address given; expected host:port (several: comma-separated)")
+    if len(urls) == 1 and urls[0].startswith("dns:///"):
+        return urls[0], False, None
+    parsed = [parse_url(u) for u in urls]
+    if len({tls for _, tls in parsed}) > 1:
+        raise UsageError(f"server addresses {', '.join(urls)} mix grpc:// and grpcs://; "
+                         f"use one scheme for all")
+    tls = parsed[0][1]
+    if len(parsed) == 1:
+        return parsed[0][0], tls, None
+    v4: list[str] = []
+    v6: list[str] = []
+    for target, _ in parsed:
+        host, _, port = target.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise UsageError(f"server address {target!r}: cannot resolve {host!r} "
+                             f"({exc.strerror})") from None
+        for family, _, _, _, address in infos:
+            if family == socket.AF_INET and f"{address[0]}:{port}" not in v4:
+                v4.append(f"{address[0]}:{port}")
+            elif family == socket.AF_INET6 and f"[{address[0]}]:{port}" not in v6:
+                v6.append(f"[{address[0]}]:{port}")
+    # gRPC's static resolvers take one address family per target; IPv4 where there is any.
+    target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+    return target, tls, parsed[0][0]
+
+
 def _pem(value: bytes | str | Path | None, what: str) -> bytes | None:
     """PEM bytes, read from the file when given a path."""
     if not isinstance(value, (str, Path)):
@@ -87,7 +135,7 @@ def _pem(value: bytes | str | Path | None, what: str) -> bytes | None:
 class _ClientBase:
     """Configuration, validation and the I/O-free halves of every call."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 3,
+    def __init__(self, url: str | Sequence[str], *, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.1, max_backoff: float = 2.0, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None,
                  server_name: str | None = None,
@@ -95,7 +143,7 @@ class _ClientBase:
                  private_key: bytes | str | Path | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  preprocess: str = "server", max_in_flight: int = 4) -> None:
-        self.target, url_tls = parse_url(url)
+        self.target, url_tls, self._authority = balanced_target(url)
         if timeout <= 0:
             raise UsageError(f"timeout must be positive seconds, got {timeout}")
         if retries < 0:
@@ -137,6 +185,10 @@ class _ClientBase:
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
+        elif self._authority:  # several servers: TLS checks the first name given
+            options.append(("grpc.default_authority", self._authority))
+        if "," in self.target or self.target.startswith("dns:"):
+            options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
         return options
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
@@ -216,7 +268,7 @@ class _ClientBase:
 class Client(_ClientBase):
     """Blocking client over one gRPC channel. Thread-safe; close it (or use ``with``)."""
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str | Sequence[str], **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         credentials = self._credentials()
         self._channel = (grpc.insecure_channel(self.target, options=self._options())
@@ -262,6 +314,20 @@ class Client(_ClientBase):
 
     def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
         return self._call("ServerMetadata", pb.ServerMetadataRequest(), self._deadline(timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """gRPC health checking (grpc.health.v1): the status name of ``service`` ("" = the
+        server; cnnctl serve also answers "live" and each model's name), e.g. "SERVING"."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = self._deadline(timeout)
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._remaining(deadline, "Check"))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, attempts=1) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_until_ready(self, timeout: float = 30.0, poll: float = 0.1) -> None:
         """Block until the server answers ready; Unavailable when ``timeout`` passes first."""
@@ -336,7 +402,7 @@ class AsyncClient(_ClientBase):
 
     The chunks of one large call go concurrently (``max_in_flight`` at a time)."""
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str | Sequence[str], **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         credentials = self._credentials()
         self._channel = (grpc.aio.insecure_channel(self.target, options=self._options())
@@ -509,4 +575,5 @@ class InferStream:
             raise from_rpc_error(exc) from None
 
 
-__all__ = ["Client", "AsyncClient", "InferStream", "ModelInfo", "Prediction", "parse_url"]
+__all__ = ["Client", "AsyncClient", "InferStream", "ModelInfo", "Prediction", "balanced_target",
+           "parse_url"]

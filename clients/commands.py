@@ -15,7 +15,8 @@ import click
 from cnnctl.clients.client import Client
 from cnnctl.errors import UsageError
 
-SERVER_HELP = "Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)."
+SERVER_HELP = ("Server address: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS); several, "
+               "comma-separated, or dns:///HOST:PORT: calls are balanced round robin.")
 
 
 def _tls_options(f: Any) -> Any:
@@ -154,3 +155,37 @@ def bench(server: str, model: str | None, version: str, concurrency: tuple[int, 
         click.echo(b.table(rows))
         if plot:
             click.echo(f"plot: {plot}")
+
+
+@click.command()
+@click.option("--server", default="127.0.0.1:8001", show_default=True, help=SERVER_HELP)
+@click.option("--service", default="", show_default=True,
+              help="Health service name: '' the server is ready, 'live' the process runs (stays "
+              "SERVING while draining), or a model name.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Deadline (s).")
+@_tls_options
+def health(server: str, service: str, timeout: float, tls: bool, root_certs: str | None,
+           server_name: str | None, client_cert: str | None, client_key: str | None) -> None:
+    """Check a server's gRPC health (for container health checks); exit 0 when SERVING.
+
+    Prints the status (SERVING, NOT_SERVING, ...); exits 1 when it is not SERVING or the server
+    cannot be reached, as container health checks expect.
+    """
+    from cnnctl.clients.errors import ClientError
+
+    try:
+        with Client(server, timeout=timeout, retries=0, tls=tls, root_certificates=root_certs,
+                    server_name=server_name, certificate_chain=client_cert,
+                    private_key=client_key) as client:
+            status = client.health(service)
+    except ClientError as exc:
+        if exc.code.name == "NOT_FOUND":
+            click.echo(f"{server}: NOT_FOUND: no health service {service!r} (cnnctl serve "
+                       f"answers '', 'live' and each model's name)", err=True)
+        else:
+            click.echo(f"{server}: {exc.code.name}: {exc.message}", err=True)
+        raise SystemExit(1) from None
+    click.echo(status)
+    if status != "SERVING":
+        raise SystemExit(1)

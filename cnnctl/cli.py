@@ -36,11 +36,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "of them) on a running server."),
     "bench": ("cnnctl.clients.commands:bench", "Throughput and p50/p90/p99 latency of a running "
               "server at each concurrency level."),
+    "health": ("cnnctl.clients.commands:health", "Check a server's gRPC health (for container "
+               "health checks); exit 0 when SERVING."),
     "demo": ("cnnctl.demo:demo", "Train, export, serve and query a model end to end, offline, on "
              "the embedded MNIST sample."),
 }
 
 EXIT_USER_ERROR = 2
+# Modules the base install leaves out -> the extra that brings them (pyproject.toml).
+EXTRA_FOR_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train",
+                    "onnxscript": "train"}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str | None) -> str | None:
+    """The one-line explanation for a module an extra would have installed, else None."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    what = f"cnnctl {command}" if command else "this command"
+    return (f"{what} needs {top}, which the base install leaves out (it serves, predicts and "
+            f"benches); install the '{extra}' extra: pip install 'cnnctl[{extra}]'")
 
 
 class LazyGroup(click.Group):
@@ -101,3 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:])
+                        if a in COMMANDS), None)
+        message = missing_extra(exc, command)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
+        sys.exit(EXIT_USER_ERROR)

@@ -99,6 +99,14 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="Largest request/response message (MiB); larger ones get RESOURCE_EXHAUSTED.")
 @click.option("--grace-s", type=float, default=_DEFAULT.grace_s, show_default=True,
               help="On SIGTERM/SIGINT, how long to wait for in-flight and queued requests.")
+@click.option("--drain-delay-s", type=float, default=_DEFAULT.drain_delay_s, show_default=True,
+              help="On SIGTERM/SIGINT: health turns NOT_SERVING at once, and the server keeps "
+              "answering new requests this long (so load balancers stop sending) before it "
+              "refuses them and drains. Part of --grace-s.")
+@click.option("--max-connection-age-s", type=float, default=_DEFAULT.max_connection_age_s,
+              show_default=True, help="Close client connections after this long (0: never), so "
+              "long-lived gRPC connections spread over replicas added since; calls in flight "
+              "get --grace-s to finish.")
 @click.option("--allow-shared-memory", is_flag=True, default=False,
               help="Let clients on this host register POSIX shared-memory regions and pass "
               "tensors through them (Triton's system shared-memory extension; Triton's "
@@ -120,7 +128,8 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
           instances: int, intra_op_threads: int, device: str,
           metrics_port: int | None, metrics_host: str, tls_cert: str | None,
           tls_key: str | None, tls_client_ca: str | None, reflection: bool, workers: int,
-          max_message_mb: int, grace_s: float, allow_shared_memory: bool,
+          max_message_mb: int, grace_s: float, drain_delay_s: float,
+          max_connection_age_s: float, allow_shared_memory: bool,
           allow_shared_memory_non_loopback_host: bool, max_shared_memory_regions: int,
           **limits: Any) -> None:
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
@@ -141,6 +150,7 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
         metrics_port=metrics_port, metrics_host=metrics_host, tls_cert=tls_cert,
         tls_key=tls_key, tls_client_ca=tls_client_ca, reflection=reflection, workers=workers,
         reuse_port=workers > 1, max_message_mb=max_message_mb, grace_s=grace_s,
+        drain_delay_s=drain_delay_s, max_connection_age_s=max_connection_age_s,
         allow_shared_memory=allow_shared_memory,
         allow_shared_memory_non_loopback_host=allow_shared_memory_non_loopback_host,
         max_shared_memory_regions=max_shared_memory_regions)

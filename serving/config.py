@@ -99,9 +99,13 @@ class ServerConfig:
     reuse_port: bool = False  # set for --workers; otherwise a second server on the port fails
     max_message_mb: int = 64  # largest request or response message (MiB)
     grace_s: float = 30.0  # how long shutdown waits for in-flight and queued requests (s)
-    # After the signal, keep answering new arrivals this long (s): requests sent just before it may
-    # still be in transit or in gRPC's not-yet-dispatched queue (server.py, shutdown step 2).
-    drain_linger_s: float = 0.5
+    # After the signal, with health already NOT_SERVING, keep answering new arrivals this long (s):
+    # load balancers and Kubernetes endpoints take time to stop sending, and requests sent just
+    # before the signal may still be in transit (server.py, shutdown step 2).
+    drain_delay_s: float = 0.5
+    # Close each client connection after this long (s; 0 = never): clients reconnect, and their
+    # calls spread over replicas added since. Calls in flight get grace_s to finish.
+    max_connection_age_s: float = 0.0
     # Triton's system shared-memory extension (serving/shm.py): off unless asked for, as Triton's
     # --allow-client-shm; then loopback clients only, each to its own user's objects and regions.
     allow_shared_memory: bool = False
@@ -114,6 +118,12 @@ class ServerConfig:
     shm_dir: str | None = None  # set for --workers: where the workers share their registrations
 
     def __post_init__(self) -> None:
+        if not 0 <= self.drain_delay_s <= self.grace_s:
+            raise UsageError(f"--drain-delay-s {self.drain_delay_s:g} must be between 0 and "
+                             f"--grace-s ({self.grace_s:g}): the delay is part of the grace period")
+        if self.max_connection_age_s < 0:
+            raise UsageError(f"--max-connection-age-s {self.max_connection_age_s:g} must be 0 "
+                             f"(never) or positive seconds")
         if self.tls_client_ca and not (self.tls_cert and self.tls_key):
             raise UsageError("--tls-client-ca needs --tls-cert and --tls-key: client "
                              "certificates are checked only over TLS")

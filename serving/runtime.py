@@ -65,6 +65,19 @@ _cuda_lock = threading.Lock()
 _cuda_usable: bool | None = None
 
 
+def _preload_cuda_libraries(ort: Any) -> None:
+    """CUDA and cuDNN from pip (``cnnctl[cuda]``: onnxruntime-gpu's cuda and cudnn extras) are
+    not on the loader's path; ORT's preload_dlls loads them when installed (ORT >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        with _quiet_stderr():
+            preload()
+    except Exception as exc:  # noqa: BLE001 - then the system's libraries, or the CPU
+        log.debug("onnxruntime.preload_dlls: %s", exc)
+
+
 def cuda_usable(probe_model: bytes | None = None) -> bool:
     """True when ORT's CUDA provider is listed, the driver loads and a session really uses CUDA."""
     global _cuda_usable
@@ -75,6 +88,7 @@ def cuda_usable(probe_model: bytes | None = None) -> bool:
 
         usable = False
         if CUDA in ort.get_available_providers() and _cuda_driver_present() and probe_model:
+            _preload_cuda_libraries(ort)
             opts = ort.SessionOptions()
             opts.log_severity_level = 4
             try:

@@ -1,8 +1,9 @@
 """The gRPC server: create_server(config) -> (server, port), and serve() until SIGTERM/SIGINT.
 
 Graceful shutdown, in order (all within grace_s):
-1. health goes NOT_SERVING and ServerReady false, so balancers stop sending;
-2. for drain_linger_s everything that arrives is still answered: requests a client sent just
+1. health goes NOT_SERVING (all names but ``live``) and ServerReady false, so balancers stop
+   sending;
+2. for drain_delay_s everything that arrives is still answered: requests a client sent just
    before the signal may still be on the wire or waiting in gRPC's queue of calls not yet handed
    to a handler, and grpc's own stop() would cancel those;
 3. new inference requests are refused (UNAVAILABLE) and the server waits until every accepted one
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +39,10 @@ from cnnctl.serving.servicer import InferenceServicer, lenient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The health service name for liveness: SERVING from start until the process exits, draining
+# included (Kubernetes' liveness probe must not kill a pod that is draining). Every other name
+# ("", the service, each model) means ready to take requests.
+LIVE = "live"
 # At shutdown, once every request taken in is answered: how long gRPC may still take to send the
 # last answers before it cancels the calls it holds (s).
 FLUSH_S = 5.0
@@ -56,9 +62,7 @@ class InferenceServer:
     async def start(self) -> None:
         self.repository.start()
         await self.grpc_server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        for name in self.repository.names():
+        for name in ("", LIVE, SERVICE_NAME, *self.repository.names()):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
@@ -67,10 +71,11 @@ class InferenceServer:
             return
         loop = asyncio.get_running_loop()
         grace = self.config.grace_s if grace is None else grace
-        linger = self.config.drain_linger_s if linger is None else linger
+        linger = self.config.drain_delay_s if linger is None else linger
         end = loop.time() + grace
         self.servicer.draining = True
-        await self.health.enter_graceful_shutdown()
+        for name in ("", SERVICE_NAME, *self.repository.names()):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(linger, grace))
         self.servicer.stop_accepting()
         try:
@@ -126,6 +131,27 @@ class _LenientParsing:
         self._server.add_registered_method_handlers(service, handlers)
 
 
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The files reflection describes: ours live in cnnctl's own pool (protos/__init__.py),
+    health's and reflection's in protobuf's default one; reflection reads a single pool."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -154,6 +180,9 @@ async def create_server(config: ServerConfig,
     ]
     if limits.max_connection_idle_s > 0:
         options.append(("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_s)))
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)),
+                    ("grpc.max_connection_age_grace_ms", _ms(config.grace_s))]
     server = grpc.aio.server(options=options,
                              maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     address = f"{config.host}:{config.port}"
@@ -173,7 +202,8 @@ async def create_server(config: ServerConfig,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+            pool=_reflection_pool())
     return InferenceServer(config, server, repository, servicer, health_servicer, metrics,
                            port), port
 

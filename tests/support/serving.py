@@ -106,7 +106,8 @@ def stub(channel: Any) -> Any:
 class CliServer:
     """``cnnctl serve ... --port 0`` in a subprocess; the port is read from its startup line."""
 
-    def __init__(self, *args: str, timeout: float = 60.0) -> None:
+    def __init__(self, *args: str, timeout: float = 60.0, python: str | None = None,
+                 cwd: str | Path | None = None) -> None:
         import os
         import queue
         import re
@@ -116,8 +117,9 @@ class CliServer:
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1", "--port", "0",
-             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [python or sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1",
+             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=cwd)
         self.lines: list[str] = []
         # A reader thread, not select() on the pipe: a buffered readline may already hold the line.
         self._queue: queue.Queue[str | None] = queue.Queue()

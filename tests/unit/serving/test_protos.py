@@ -1,78 +1,31 @@
-"""The committed stubs are what the .proto files generate, and the protos are wire-compatible with
-Triton's: every message, field, enum and RPC we declare has the same name, number and type as in
-tritonclient's bundled descriptors."""
+"""The protos are wire-compatible with Triton's: every message, field, enum and RPC we declare has
+the same name, number and type as in tritonclient's bundled descriptors. (That the committed stubs
+are protoc's output: tests/unit/test_packaging.py.)"""
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import json
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
 
-from cnnctl.protos import generate as gen
 from cnnctl.protos import grpc_service_pb2, model_config_pb2
-
-# Lines that carry the protobuf / grpcio-tools version that generated the file: the only text that
-# legitimately differs between two machines generating from the same protos.
-_VERSION_LINES = re.compile(
-    r"^# Protobuf Python Version: .*$|^GRPC_GENERATED_VERSION = .*$"
-    r"|^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:.*\n)*?\)$",
-    re.MULTILINE,
-)
-
-
-def _normalise(text: str) -> str:
-    return _VERSION_LINES.sub("<version>", text)
-
-
-def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
-    written = gen.generate(tmp_path)
-    assert sorted(p.name for p in written) == sorted(gen.generated_names())
-    stale = []
-    for path in written:
-        committed = gen.PROTOS_DIR / path.name
-        if _normalise(committed.read_text()) != _normalise(path.read_text()):
-            stale.append(path.name)
-    assert stale == [], f"stale stubs {stale}: run `python -m cnnctl.protos.generate`"
-
-
-def test_version_normalisation_only_hides_version_lines(tmp_path: Path) -> None:
-    text = (gen.PROTOS_DIR / "grpc_service_pb2.py").read_text()
-    assert _normalise(text) != _normalise(text.replace("ModelInferRequest", "ModelInferReq"))
-
-
-_TRITON_DUMP = """
-import base64, json
-from google.protobuf import descriptor_pb2
-from tritonclient.grpc import service_pb2, model_config_pb2
-out = {}
-for mod in (service_pb2, model_config_pb2):
-    fdp = descriptor_pb2.FileDescriptorProto()
-    mod.DESCRIPTOR.CopyToProto(fdp)
-    out[fdp.name] = base64.b64encode(fdp.SerializeToString()).decode()
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
 def triton_files() -> dict[str, descriptor_pb2.FileDescriptorProto]:
-    if importlib.util.find_spec("tritonclient") is None:  # not imported: see below
+    if importlib.util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient is not installed")
-    # Another process: tritonclient's stubs and ours define the same full names, and protobuf
-    # refuses to hold both in one descriptor pool.
-    out = subprocess.run([sys.executable, "-c", _TRITON_DUMP], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    # In this process: our stubs live in cnnctl's own descriptor pool, so tritonclient's, which
+    # define the same full names in protobuf's default pool, load beside them.
+    from tritonclient.grpc import model_config_pb2 as triton_config
+    from tritonclient.grpc import service_pb2 as triton_service
+
     files = {}
-    for name, data in json.loads(out).items():
+    for module in (triton_service, triton_config):
         fdp = descriptor_pb2.FileDescriptorProto()
-        fdp.ParseFromString(base64.b64decode(data))
-        files[name] = fdp
+        module.DESCRIPTOR.CopyToProto(fdp)
+        files[fdp.name] = fdp
     return files
 
 
