@@ -13,6 +13,7 @@ Graceful shutdown, in order (all within grace_s):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -53,13 +54,36 @@ class InferenceServer:
     port: int
     _stopped: bool = False
 
+    _health_names: set[str] = dataclasses.field(default_factory=set)
+    _health_task: asyncio.Task[None] | None = None
+
     async def start(self) -> None:
         self.repository.start()
         await self.grpc_server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        for name in self.repository.names():
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._sync_health()
+        # Model control changes the served set: per-model health follows it.
+        self.repository.listeners.append(self._health_changed)
+
+    def _health_changed(self) -> None:
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.ensure_future(self._sync_health())
+        else:  # one more pass after the running one, for what changed meanwhile
+            self._health_task.add_done_callback(lambda _: self._health_changed())
+
+    async def _sync_health(self) -> None:
+        """Overall health: SERVING while every model the server was told to serve is ready
+        (as ServerReady); each model name: SERVING while a version of it is ready."""
+        if self._stopped or self.servicer.draining:
+            return
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        overall = serving if self.repository.ready() else not_serving
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
+        ready = {m.name for m in self.repository if m.ready}
+        for name in sorted(ready | self._health_names):
+            await self.health.set(name, serving if name in ready else not_serving)
+        self._health_names |= ready
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
         """Stop accepting, answer everything in flight and queued, release the models."""
