@@ -169,7 +169,7 @@ def compare(got: np.ndarray, golden: Golden, tol: GoldenTolerance) -> GoldenResu
         failures.append("non-finite logits")
     elif max_abs > limit:
         failures.append(f"max abs logit error {max_abs:.3g} > limit {limit:.3g} (atol "
-                        f"{tol.atol:g} + rtol {tol.rtol:g}·max|logit|)")
+                        f"{tol.atol:g} + rtol {tol.rtol:g} x max|logit|)")
     if agree < tol.min_argmax_agreement:
         failures.append(f"argmax agreement {agree:.2%} < {tol.min_argmax_agreement:.1%}")
     return GoldenResult(not failures, failures, n, max_abs, limit, agree, acc, gacc)

@@ -62,7 +62,7 @@ def check_golden(runtime: OrtModel, directory: Path, manifest: Manifest,
     where = f"{runtime.info.provider} {precision}"
     if not result.passed:
         raise ArtifactError(f"golden check failed on {where}: {'; '.join(result.failures)} "
-                            f"({result.summary()}; {golden.dataset or 'unknown images'})")
+                            f"({result.images} golden images, {golden.dataset or 'unlabelled'})")
     return f"golden check passed on {where}: {result.summary()}"
 
 
