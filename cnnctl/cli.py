@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "of them) on a running server."),
     "bench": ("cnnctl.clients.commands:bench", "Throughput and p50/p90/p99 latency of a running "
               "server at each concurrency level."),
+    "verify": ("cnnctl.clients.commands:verify", "Check that a KServe v2 server answers "
+               "ARTIFACT_DIR's golden set as the artifact does."),
     "demo": ("cnnctl.demo:demo", "Train, export, serve and query a model end to end, offline, on "
              "the embedded MNIST sample."),
 }
