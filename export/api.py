@@ -271,9 +271,13 @@ def _write_golden(out: Path, model: Any, real: Any, spec: ImageSpec,
                     "model's answers, not its accuracy)")
     inputs = golden.to_tensor(list(pixels), spec, "golden image")
     logits = verify.eager_runner(model)(inputs)
-    tolerances = {p: golden.GoldenTolerance(verify.TOLERANCES[p].atol, verify.TOLERANCES[p].rtol,
-                                            verify.TOLERANCES[p].min_argmax_agreement)
-                  for p in precisions}
+    def tolerance(p: str) -> Any:
+        t = verify.TOLERANCES[p]
+        return golden.GoldenTolerance(t.atol, t.rtol, t.min_argmax_agreement)
+
+    tolerances = {p: tolerance(p) for p in precisions}
+    if "fp32" in tolerances:
+        tolerances[golden.GPU_FP32] = tolerance("fp16")
     return golden.write_golden(out, pixels, logits, labels, dataset, tolerances)
 
 

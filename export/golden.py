@@ -31,6 +31,10 @@ from cnnctl.export.manifest import FileEntry, Manifest, read_file, sha256_file
 GOLDEN_FILE = "golden.npz"
 GOLDEN_IMAGES = 64  # enough to exercise every class of a 10-class model; a few ms to run
 GOLDEN_MAX_BYTES = 64 << 20  # 64 images of 224x224x3 are 9.6 MB; a bigger file is not ours
+# fp32 on a GPU is judged like fp16 (the "fp32-cuda" entry export writes): cuDNN and cuBLAS may
+# run fp32 convolutions and GEMMs in TF32 (fp16's 10-bit mantissa) on Ampere and later GPUs,
+# and pick other summation orders than the CPU; fp32's 1e-5 would refuse a correct model there.
+GPU_FP32 = "fp32-cuda"
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,12 @@ def has_golden(manifest: Manifest) -> bool:
     return bool(manifest.golden)
 
 
-def tolerance_for(manifest: Manifest, precision: str) -> GoldenTolerance:
+def tolerance_for(manifest: Manifest, precision: str, gpu: bool = False) -> GoldenTolerance:
+    """The manifest's tolerance for ``precision``; on a GPU its ``<precision>-cuda`` entry
+    when it has one (see GPU_FP32)."""
     table = manifest.golden.get("tolerance") or {}
-    raw = table.get(precision)
+    raw = table.get(f"{precision}-cuda") if gpu else None
+    raw = raw if raw is not None else table.get(precision)
     if not isinstance(raw, dict):
         raise ArtifactError(f"the manifest's golden set has no tolerance for precision "
                             f"{precision!r}; it has: {', '.join(sorted(table)) or 'none'}")

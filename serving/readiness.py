@@ -20,7 +20,7 @@ import numpy as np
 from cnnctl.errors import ArtifactError
 from cnnctl.export.golden import compare, has_golden, read_golden, tolerance_for
 from cnnctl.export.manifest import Manifest
-from cnnctl.serving.runtime import OrtModel
+from cnnctl.serving.runtime import CUDA, OrtModel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def check_golden(runtime: OrtModel, directory: Path, manifest: Manifest,
     """The golden check on ``runtime``; ArtifactError naming what does not match."""
     golden = read_golden(directory, manifest)
     precision = runtime.info.precision
-    tolerance = tolerance_for(manifest, precision)
+    tolerance = tolerance_for(manifest, precision, gpu=runtime.info.provider == CUDA)
     x = golden.inputs(manifest)
     step = max(1, max_batch_size)
     got = np.concatenate([runtime.run(x[i:i + step]) for i in range(0, len(x), step)])

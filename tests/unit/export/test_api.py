@@ -183,7 +183,7 @@ def test_golden_set_holds_real_held_out_images_and_eager_logits(
     g = golden.read_golden(artifact, m)
     assert (m.golden["images"], m.golden["dataset"], m.golden["labels"]) == (
         golden.GOLDEN_IMAGES, "mnist-sample/test", True)
-    assert sorted(m.golden["tolerance"]) == ["fp32", "int8"]
+    assert sorted(m.golden["tolerance"]) == ["fp32", "fp32-cuda", "int8"]
     assert ("golden.npz", m.golden["file"]["sha256"], m.golden["file"]["bytes"]) in \
         listed_files(m)
     assert g.pixels.shape == (golden.GOLDEN_IMAGES, 32, 32, 1) and g.pixels.dtype == np.uint8
