@@ -193,7 +193,11 @@ def scan_repository(root: Path) -> dict[str, ModelDir]:
             raise ArtifactError(f"--repository {str(root)!r}: directory {shown(name)} is not "
                                 f"allowed; allowed: {NAME_RULE}")
         if (model_dir / MANIFEST_NAME).is_file():
-            models[name] = ModelDir(name, [VersionDir(name, "", model_dir,
+            try:  # served under its manifest's version
+                version = load_manifest(model_dir, verify_files=False).version
+            except ArtifactError:
+                version = ""  # the load says what is wrong with it
+            models[name] = ModelDir(name, [VersionDir(name, version, model_dir,
                                                       fingerprint(model_dir))])
             continue
         versions = []
@@ -579,17 +583,22 @@ class ModelRepository:
                     raise UnavailableError("the server is shutting down; no model changes")
                 loaded[v.version] = model
             keep = {v.version for v in wanted}
-            # Unwanted versions go only once everything wanted is in: a failed load leaves what
-            # is served as it is.
-            gone = [] if failures else [m for ver, m in current.items() if ver not in keep]
+            # Unwanted versions go only once everything wanted is served: a failed load (now or
+            # on these same files before) leaves what is served as it is.
+            complete = all(v.version in current or v.version in loaded for v in wanted)
+            gone = [m for ver, m in current.items() if ver not in keep] if complete else []
             replaced = [current[ver] for ver in loaded if ver in current]
             if not loaded and not gone:
                 return failures
             table = {ver: m for ver, m in current.items() if m not in gone}
             table.update(loaded)
             # The swap: one assignment each, nothing awaited in between.
-            self._models[name] = table
-            self._latest[name] = table[max(table, key=_version_key)]
+            if table:
+                self._models[name] = table
+                self._latest[name] = table[max(table, key=_version_key)]
+            else:  # the policy wants no version present
+                self._models.pop(name, None)
+                self._latest.pop(name, None)
             retiring = [*replaced, *gone]
             drained = asyncio.ensure_future(self._retire(name, retiring, remove=False))
             for m in loaded.values():

@@ -152,8 +152,8 @@ def test_a_failed_load_leaves_the_served_version_alone(versions: dict[str, Path]
     run(main())
 
 
-def test_poll_keeps_serving_when_a_new_version_fails(versions: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_poll_keeps_serving_when_a_new_version_fails(versions: dict[str, Path], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     repo = tmp_path / "repo"
     copy_version(versions["1"], repo, "1")
     x = np.random.default_rng(0).standard_normal((1, 1, 32, 32), dtype=np.float32)
@@ -175,6 +175,8 @@ def test_poll_keeps_serving_when_a_new_version_fails(versions: dict[str, Path],
             assert entries["lenet5", "1"][0] == "READY"
             assert entries["lenet5", "2"][0] == "UNAVAILABLE"
             assert entries["lenet5", "2"][1].startswith("golden check failed")
+            await asyncio.sleep(0.3)  # more polls: the same files are not retried, v1 stays
+            assert [e[2] for e in await index(s)] == ["READY", "UNAVAILABLE"]
             assert (await s.ModelInfer(infer_request(x))).model_version == "1"
             assert (await s.ServerReady(pb.ServerReadyRequest())).ready  # v1 serves
             # The directory goes: the failure goes with it, v1 stays.
@@ -182,7 +184,10 @@ def test_poll_keeps_serving_when_a_new_version_fails(versions: dict[str, Path],
             await asyncio.sleep(0.3)
             assert server.repository.get("lenet5").version == "1"
 
-    run(main())
+    with caplog.at_level(logging.INFO, logger="cnnctl.serving.repository"):
+        run(main())
+    assert caplog.text.count("model lenet5 version 2 failed to load") == 1  # not retried
+    assert "repository poll failed" not in caplog.text
 
 
 def test_unload_answers_queued_requests(versions: dict[str, Path], tmp_path: Path,
@@ -261,3 +266,56 @@ def test_flag_combinations_are_checked() -> None:
         config_for(load_models=("a",))
     with pytest.raises(UsageError, match="'sometimes' is not one of none, explicit, poll"):
         config_for(model_control_mode="sometimes")
+
+
+def test_poll_does_not_reload_unchanged_files(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """DIR/NAME/manifest.json (one artifact, its manifest's version) and DIR/NAME/1/ alike."""
+    repo = tmp_path / "repo"
+    shutil.copytree(artifacts["lenet5"], repo / "flat")
+    manifest = json.loads((repo / "flat" / "manifest.json").read_text())
+    manifest["name"] = "flat"
+    (repo / "flat" / "manifest.json").write_text(json.dumps(manifest))
+    copy_version(artifacts["lenet5"], repo, "1")
+
+    async def main() -> None:
+        config = config_for(repository=str(repo), model_control_mode="poll",
+                            repository_poll_secs=0.05)
+        async with running(config) as (server, ch):
+            before = {m.name: m for m in server.repository}
+            await asyncio.sleep(0.4)
+            assert {m.name: m for m in server.repository} == before
+            assert [e[:3] for e in await index(stub(ch))] == [
+                ("flat", "1", "READY"), ("lenet5", "1", "READY")]
+
+    run(main())
+
+
+def test_a_policy_change_applies_on_the_next_poll(versions: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """config.pbtxt rewritten: latest 1 → all → specific [7] (none present: the model goes)."""
+    repo = tmp_path / "repo"
+    for v in ("1", "2"):
+        copy_version(versions[v], repo, v)
+
+    async def main() -> None:
+        config = config_for(repository=str(repo), model_control_mode="poll",
+                            repository_poll_secs=0.05)
+        async with running(config) as (server, ch):
+            s = stub(ch)
+            assert [m.version for m in server.repository] == ["2"]
+            (repo / "lenet5" / "config.pbtxt").write_text("version_policy: { all: {} }")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if [m.version for m in server.repository] == ["1", "2"]:
+                    break
+            assert [m.version for m in server.repository] == ["1", "2"]
+            (repo / "lenet5" / "config.pbtxt").write_text(
+                "version_policy: { specific: { versions: [7] } }")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if not list(server.repository):
+                    break
+            assert [e[:3] for e in await index(s)] == [("lenet5", "1", "UNAVAILABLE"),
+                                                       ("lenet5", "2", "UNAVAILABLE")]
+
+    run(main())
