@@ -186,37 +186,54 @@ def scan_repository(root: Path) -> dict[str, ModelDir]:
         raise ArtifactError(f"--repository {str(root)!r} is not a directory")
     models: dict[str, ModelDir] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        name = model_dir.name
-        if name.startswith("."):
+        if model_dir.name.startswith("."):
             continue
-        if not is_safe_name(name):
-            raise ArtifactError(f"--repository {str(root)!r}: directory {shown(name)} is not "
-                                f"allowed; allowed: {NAME_RULE}")
-        if (model_dir / MANIFEST_NAME).is_file():
-            try:  # served under its manifest's version
-                version = load_manifest(model_dir, verify_files=False).version
-            except ArtifactError:
-                version = ""  # the load says what is wrong with it
-            models[name] = ModelDir(name, [VersionDir(name, version, model_dir,
-                                                      fingerprint(model_dir))])
-            continue
-        versions = []
-        for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            if vdir.name.startswith(".") or not (vdir / MANIFEST_NAME).is_file():
-                continue
-            if not is_safe_name(vdir.name):
-                raise ArtifactError(f"--repository {str(root)!r}: directory "
-                                    f"{shown(vdir.name)} is not allowed; allowed: {NAME_RULE}")
-            versions.append(VersionDir(name, vdir.name, vdir, fingerprint(vdir), True))
-        if not versions:
-            continue
-        try:
-            policy = read_policy(model_dir)
-        except ArtifactError as exc:
-            models[name] = ModelDir(name, versions, error=str(exc))
-            continue
-        models[name] = ModelDir(name, versions, policy)
+        if not is_safe_name(model_dir.name):
+            raise ArtifactError(f"--repository {str(root)!r}: directory {shown(model_dir.name)} "
+                                f"is not allowed; allowed: {NAME_RULE}")
+        model = scan_model(model_dir)
+        if model is not None:
+            models[model.name] = model
     return models
+
+
+def scan_model(model_dir: Path) -> ModelDir | None:
+    """One model directory: DIR/NAME/manifest.json or DIR/NAME/<version>/manifest.json (None if it
+    holds neither), and its version policy."""
+    name = model_dir.name
+    if (model_dir / MANIFEST_NAME).is_file():
+        try:  # served under its manifest's version
+            version = load_manifest(model_dir, verify_files=False).version
+        except ArtifactError:
+            version = ""  # the load says what is wrong with it
+        return ModelDir(name, [VersionDir(name, version, model_dir, fingerprint(model_dir))])
+    versions = []
+    for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        if vdir.name.startswith(".") or not (vdir / MANIFEST_NAME).is_file():
+            continue
+        if not is_safe_name(vdir.name):
+            raise ArtifactError(f"{str(model_dir)!r}: version directory {shown(vdir.name)} is not "
+                                f"allowed; allowed: {NAME_RULE}")
+        versions.append(VersionDir(name, vdir.name, vdir, fingerprint(vdir), True))
+    if not versions:
+        return None
+    try:
+        return ModelDir(name, versions, read_policy(model_dir))
+    except ArtifactError as exc:
+        return ModelDir(name, versions, error=str(exc))
+
+
+def model_names(root: Path) -> list[str]:
+    """The repository's model names alone (for the index: no manifests read, nothing hashed)."""
+    names = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if model_dir.name.startswith(".") or not is_safe_name(model_dir.name):
+            continue
+        if (model_dir / MANIFEST_NAME).is_file() or any(
+                not v.name.startswith(".") and (v / MANIFEST_NAME).is_file()
+                for v in model_dir.iterdir() if v.is_dir()):
+            names.append(model_dir.name)
+    return names
 
 
 # -- a loaded model ---------------------------------------------------------------------------
@@ -402,12 +419,12 @@ class ModelRepository:
         if self._sources.repository is not None and not self._closed:
             loop = asyncio.get_running_loop()
             try:
-                scanned = await loop.run_in_executor(None, scan_repository,
-                                                     self._sources.repository)
-            except ArtifactError as exc:
-                log.warning("repository index: %s", exc)
-                scanned = {}
-            for name in scanned:
+                names = await loop.run_in_executor(None, model_names, self._sources.repository)
+            except OSError as exc:
+                log.warning("repository index: cannot list %s: %s", self._sources.repository,
+                            exc)
+                names = []
+            for name in names:
                 entries[name, ""] = IndexEntry(name, "", UNAVAILABLE, "not loaded")
         for (name, version), s in self._states.items():
             entries.pop((name, ""), None)
@@ -496,20 +513,30 @@ class ModelRepository:
         if not is_safe_name(name):
             raise UsageError(f"model name {shown(name)} is not allowed; allowed: {NAME_RULE}")
         loop = asyncio.get_running_loop()
-        scanned = await loop.run_in_executor(None, scan_repository, root)
-        if name not in scanned:
+        model_dir = root / name
+        model = (await loop.run_in_executor(None, scan_model, model_dir)
+                 if model_dir.is_dir() else None)
+        if model is None:
+            names = await loop.run_in_executor(None, model_names, root)
             raise NotFoundError(f"no model '{name}' in the repository {str(root)!r}; it holds: "
-                                f"{known(sorted(scanned)) or 'nothing'}")
-        return scanned[name]
+                                f"{known(names) or 'nothing'}")
+        return model
 
     # -- poll mode
     async def _poll_forever(self) -> None:
+        last_error = ""
         while not self._closed:
             await asyncio.sleep(self.config.repository_poll_secs)
             try:
                 await self.poll()
+                last_error = ""
             except asyncio.CancelledError:
                 raise
+            except CnnctlError as exc:  # a bad directory name, say: logged once, not every poll
+                if str(exc) != last_error:
+                    log.error("repository poll: %s; polling on, every %.1f s", exc,
+                              self.config.repository_poll_secs)
+                last_error = str(exc)
             except Exception:  # noqa: BLE001 - a bad round must not stop the polling
                 log.exception("repository poll failed; polling again in %.1f s",
                               self.config.repository_poll_secs)
@@ -533,7 +560,8 @@ class ModelRepository:
                     log.error("model %s: %s", name, model.error)
                 self._fail(name, "", model.error, ())
                 continue
-            self._states.pop((name, ""), None)
+            if (state := self._states.get((name, ""))) is not None and state.failed == ():
+                del self._states[name, ""]  # its config.pbtxt was bad, and is fixed
             wanted = model.wanted()
             if any(seen.get((v.name, v.version)) != v.fingerprint for v in wanted):
                 continue  # still being written: next round

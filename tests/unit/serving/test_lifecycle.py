@@ -319,3 +319,21 @@ def test_a_policy_change_applies_on_the_next_poll(versions: dict[str, Path],
                                                        ("lenet5", "2", "UNAVAILABLE")]
 
     run(main())
+
+
+def test_poll_logs_a_bad_directory_once_and_keeps_serving(
+        artifacts: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo = tmp_path / "repo"
+    copy_version(artifacts["lenet5"], repo, "1")
+
+    async def main() -> None:
+        config = config_for(repository=str(repo), model_control_mode="poll",
+                            repository_poll_secs=0.05)
+        async with running(config) as (server, ch):
+            shutil.copytree(artifacts["lenet5"], repo / "bad name")
+            await asyncio.sleep(0.4)
+            assert (await stub(ch).ModelReady(pb.ModelReadyRequest(name="lenet5"))).ready
+
+    with caplog.at_level(logging.INFO, logger="cnnctl.serving.repository"):
+        run(main())
+    assert caplog.text.count("directory 'bad name' is not allowed") == 1
