@@ -10,7 +10,6 @@ allocations.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,6 @@ from cnnctl.errors import ArtifactError
 from cnnctl.export.golden import compare, has_golden, read_golden, tolerance_for
 from cnnctl.export.manifest import Manifest
 from cnnctl.serving.runtime import CUDA, OrtModel
-
-log = logging.getLogger(__name__)
 
 SINGLES = 8  # golden images also run one at a time
 

@@ -4,6 +4,7 @@ served alone, unloads that drain, readiness and health that follow, and the refu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -337,3 +338,34 @@ def test_poll_logs_a_bad_directory_once_and_keeps_serving(
     with caplog.at_level(logging.INFO, logger="cnnctl.serving.repository"):
         run(main())
     assert caplog.text.count("directory 'bad name' is not allowed") == 1
+
+
+def test_fp32_on_a_gpu_is_judged_by_its_own_tolerance(artifacts: dict[str, Path]) -> None:
+    from cnnctl.export.golden import tolerance_for
+    from cnnctl.export.manifest import load_manifest
+
+    m = load_manifest(artifacts["lenet5"])
+    assert tolerance_for(m, "fp32").atol == 1e-5
+    assert tolerance_for(m, "fp32", gpu=True).atol == 1e-2  # the "fp32-cuda" entry
+    m.golden["tolerance"].pop("fp32-cuda")  # an artifact without one: fp32's
+    assert tolerance_for(m, "fp32", gpu=True).atol == 1e-5
+
+
+@pytest.mark.cuda
+def test_golden_check_passes_on_cuda(artifacts: dict[str, Path]) -> None:
+    """The check on the CUDA provider, as the server runs it (skipped without a usable GPU)."""
+    from cnnctl.export.manifest import load_manifest, read_file
+    from cnnctl.serving import runtime
+
+    m = load_manifest(artifacts["lenet5"])
+    if not runtime.cuda_usable(read_file(artifacts["lenet5"], m.files[0])):
+        pytest.skip("no usable CUDA GPU (onnxruntime's CUDA provider did not initialise)")
+
+    async def main() -> None:
+        config = dataclasses.replace(config_for(artifacts["lenet5"]), device="cuda")
+        async with running(config) as (_, ch):
+            entries = await index(stub(ch))
+            assert entries[0][2] == "READY"
+            assert entries[0][3].startswith("golden check passed on CUDAExecutionProvider")
+
+    run(main())
