@@ -22,9 +22,9 @@ from cnnctl.errors import (
     UnavailableError,
     UsageError,
 )
+from cnnctl.export.manifest import shown
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
-from cnnctl.export.manifest import shown
 from cnnctl.protos import model_config_pb2 as mc
 from cnnctl.serving.codec import Images
 from cnnctl.serving.config import ServerConfig
