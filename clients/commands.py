@@ -189,3 +189,40 @@ def health(server: str, service: str, timeout: float, tls: bool, root_certs: str
     click.echo(status)
     if status != "SERVING":
         raise SystemExit(1)
+
+
+@click.option("--server", required=True, help=SERVER_HELP)
+@click.argument("artifact_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default=None, help="Served model name [default: the artifact's].")
+@click.option("--model-version", "version", default="", help="Model version (default: the "
+              "server's latest).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Tolerance to judge by [default: the precision the server says it serves "
+              "(cnnctl serve), else fp32].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Deadline for each call (s).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_tls_options
+def verify(server: str, artifact_dir: Path, model: str | None, version: str,
+           precision: str | None, timeout: float, as_json: bool, tls: bool,
+           root_certs: str | None, server_name: str | None, client_cert: str | None,
+           client_key: str | None) -> None:
+    """Check that a KServe v2 server answers ARTIFACT_DIR's golden set as the artifact does.
+
+    Works against any KServe v2 gRPC server (cnnctl serve, Triton serving the artifact's
+    --triton layout): the golden images are preprocessed here and sent as tensors. Exits 2 naming
+    the mismatch when the answers, shapes or preprocessing differ.
+    """
+    from cnnctl.clients.verify import raise_on_mismatch, verify_server
+
+    check = verify_server(server, artifact_dir, model=model, version=version,
+                          precision=precision, timeout=timeout, retries=1, tls=tls,
+                          root_certificates=root_certs, server_name=server_name,
+                          certificate_chain=client_cert, private_key=client_key)
+    if as_json:
+        click.echo(json.dumps(check.to_json()))
+        if not check.passed:
+            raise SystemExit(2)
+        return
+    raise_on_mismatch(check)
+    click.echo(check.line())

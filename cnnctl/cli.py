@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "server at each concurrency level."),
     "health": ("cnnctl.clients.commands:health", "Check a server's gRPC health (for container "
                "health checks); exit 0 when SERVING."),
+    "verify": ("cnnctl.clients.commands:verify", "Check that a KServe v2 server answers "
+               "ARTIFACT_DIR's golden set as the artifact does."),
     "demo": ("cnnctl.demo:demo", "Train, export, serve and query a model end to end, offline, on "
              "the embedded MNIST sample."),
 }

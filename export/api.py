@@ -198,6 +198,8 @@ def export_checkpoint(
             batch_sizes=tuple(batch_sizes or verify.DEFAULT_BATCH_SIZES))
         verify.raise_on_failure(report)
 
+        golden = _write_golden(tmp, model, real, ImageSpec(c, h, w, mean, std),
+                               sorted({prec for _, _, prec in to_verify}))
         for relpath, format, prec in to_verify:
             entry = file_entry(tmp, relpath, format, prec)
             key = "torchscript" if format == "torchscript" else prec
@@ -220,7 +222,7 @@ def export_checkpoint(
             class_names=[str(n) for n in ckpt["class_names"]], opset=used_opset,
             verification=verification, source=source,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            cnnctl_version=__version__, triton=triton_info,
+            cnnctl_version=__version__, triton=triton_info, golden=golden,
         )
         save_manifest(tmp, manifest)  # last: a directory without it is not an artifact
         _move_into_place(tmp, out, force)
@@ -229,6 +231,54 @@ def export_checkpoint(
         raise
     log.info("wrote %s", out)
     return manifest
+
+
+def _model_size_pixels(images: Any, spec: ImageSpec) -> Any:
+    """uint8 N×C×H×W (a dataset's native size) → uint8 N×H×W×C at the model's size, resized
+    as the server resizes an encoded image (PIL bilinear, export/image.py)."""
+    import numpy as np
+    from PIL import Image
+
+    hwc = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 2, 3, 1))
+    if hwc.shape[1:3] == (spec.height, spec.width):
+        return hwc
+    out = np.empty((len(hwc), spec.height, spec.width, spec.channels), dtype=np.uint8)
+    for i, img in enumerate(hwc):
+        pil = Image.fromarray(img[:, :, 0] if spec.channels == 1 else img)
+        resized = np.asarray(pil.resize((spec.width, spec.height), Image.Resampling.BILINEAR))
+        out[i] = resized.reshape(spec.height, spec.width, spec.channels)
+    return out
+
+
+def _write_golden(out: Path, model: Any, real: Any, spec: ImageSpec,
+                  precisions: Sequence[str]) -> dict[str, Any]:
+    """The artifact's golden set (export/golden.py): the first held-out images verification
+    used, or seeded random pixels when there were none, with the eager model's logits."""
+    import numpy as np
+
+    from cnnctl.export import golden, verify
+
+    if real.pixels is not None:
+        pixels = _model_size_pixels(real.pixels, spec)
+        labels = real.labels[:len(pixels)]
+        dataset = real.dataset
+    else:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (golden.GOLDEN_IMAGES, spec.height, spec.width,
+                                       spec.channels), dtype=np.uint8)
+        labels, dataset = None, "random pixels"
+        log.warning("golden set: no real images; using random pixels (readiness checks the "
+                    "model's answers, not its accuracy)")
+    inputs = golden.to_tensor(list(pixels), spec, "golden image")
+    logits = verify.eager_runner(model)(inputs)
+    def tolerance(p: str) -> Any:
+        t = verify.TOLERANCES[p]
+        return golden.GoldenTolerance(t.atol, t.rtol, t.min_argmax_agreement)
+
+    tolerances = {p: tolerance(p) for p in precisions}
+    if "fp32" in tolerances:
+        tolerances[golden.GPU_FP32] = tolerance("fp16")
+    return golden.write_golden(out, pixels, logits, labels, dataset, tolerances)
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

@@ -106,6 +106,10 @@ class Manifest:
     # The optional Triton model repository laid out beside the files (export/triton.py):
     # {"repository": "triton", "model_name": ..., "max_batch_size": ..., "files": [FileEntry-like]}.
     triton: dict[str, Any] = field(default_factory=dict)
+    # The golden set (export/golden.py): {"file": {path, sha256, bytes}, "images", "dataset",
+    # "labels", "tolerance": {precision: {atol, rtol, min_argmax_agreement}}}. Empty in
+    # artifacts exported before it existed: they load, with readiness unverified.
+    golden: dict[str, Any] = field(default_factory=dict)
 
     def file(self, format: str, precision: str | None = None) -> FileEntry | None:
         """The file of this format (and precision, if given); fp32 is preferred when not given."""
@@ -216,6 +220,9 @@ def parse_manifest(data: dict[str, Any], where: str = "manifest") -> Manifest:
         triton = dict(data.get("triton") or {})
         for i, f in enumerate(triton.get("files", [])):
             _check_listed(f, f"{where}: triton.files[{i}]")
+        golden = dict(data.get("golden") or {})
+        if golden:
+            _check_listed(golden.get("file"), f"{where}: golden.file")
         image = dict(_require(data, "image", where))
         image.pop("color", None)
         manifest = Manifest(
@@ -233,6 +240,7 @@ def parse_manifest(data: dict[str, Any], where: str = "manifest") -> Manifest:
             created=str(data.get("created", "")),
             cnnctl_version=str(data.get("cnnctl_version", "")),
             triton=triton,
+            golden=golden,
         )
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"{where}: malformed entry ({exc})") from None
@@ -246,6 +254,9 @@ def listed_files(manifest: Manifest) -> list[tuple[str, str, int]]:
     # The Triton repository holds its own copy of the ONNX model (and config.pbtxt), which
     # tritonserver loads: a tampered copy is refused like the others.
     listed += [(f["path"], f["sha256"], f["bytes"]) for f in manifest.triton.get("files", [])]
+    if manifest.golden:
+        g = manifest.golden["file"]
+        listed.append((g["path"], g["sha256"], g["bytes"]))
     return listed
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from cnnctl.errors import DataError, ShapeError, VerificationError
+from cnnctl.export.golden import GOLDEN_IMAGES
 # The training loop's own batch preparation: the verifier must feed the exact inputs the model was
 # trained on (uint8 → /255 → bilinear resize if the size differs → (x - mean) / std).
 from cnnctl.training.transforms import prepare_batch
@@ -74,6 +75,8 @@ class RealImages:
     labels: np.ndarray | None
     dataset: str  # what they are, e.g. "mnist/test"
     note: str  # how they were chosen (fallbacks are said here, and printed)
+    # The first few as uint8 N×C×H×W at the model's size: the artifact's golden set.
+    pixels: np.ndarray | None = None
 
 
 def load_real_images(
@@ -122,7 +125,8 @@ def _take(data: Any, name: str, mean: Sequence[float], std: Sequence[float], siz
     images = data.images[index]
     inputs = torch.cat([prepare_batch(images[i:i + 512], mean, std, size)
                         for i in range(0, n, 512)]).numpy()
-    return RealImages(inputs, data.labels[index].numpy(), f"{name}/test", f"{n} images; {note}")
+    return RealImages(inputs, data.labels[index].numpy(), f"{name}/test", f"{n} images; {note}",
+                      images[:GOLDEN_IMAGES].numpy())
 
 
 def random_inputs(batch_size: int, input_shape: tuple[int, int, int], mean: Sequence[float],

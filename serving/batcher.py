@@ -92,6 +92,10 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._closed_because = "the server is shutting down"
+        # Set while another version of the model finishes what it took in (hold_until): requests
+        # queue, none is computed, so answers switch from the old version to this one at once.
+        self._held: asyncio.Future[object] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -106,13 +110,27 @@ class Batcher:
         ``submit``, or call ``release`` if it never comes."""
         self._admit()
         self._reserved += 1
+        self._idle.clear()
 
     def release(self) -> None:
         self._reserved -= 1
+        self._check_idle()
+
+    def hold_until(self, done: asyncio.Future[object]) -> None:
+        """Queue requests but compute none until ``done`` completes (a swap: the version being
+        replaced drains first)."""
+        self._held = done
+        done.add_done_callback(self._release_hold)
+
+    def _release_hold(self, done: asyncio.Future[object]) -> None:
+        if self._held is done:
+            self._held = None
+            if self._loop is not None:
+                self._schedule()
 
     def _admit(self) -> None:
         if self._closing:
-            raise UnavailableError("the server is shutting down; not accepting new requests")
+            raise UnavailableError(f"{self._closed_because}; not accepting new requests")
         if len(self._queue) + self._reserved >= self._max_queue:
             raise OverloadedError(
                 f"model '{self.name}' queue is full ({self._max_queue} requests waiting); retry "
@@ -134,7 +152,7 @@ class Batcher:
         now = loop.time()
         gathering = self._gathering
         begun = False
-        if (not self._queue and self._free > 0 and self._delay == 0.0
+        if (not self._queue and self._free > 0 and self._delay == 0.0 and self._held is None
                 and self._inline.cheap(images) and (deadline is None or deadline > now)):
             begun = gathering.begin(images, now)
             if not begun:  # nothing to wait for: compute it now, in the caller's loop step
@@ -153,20 +171,25 @@ class Batcher:
             self._observer.queue_depth(len(self._queue))
         return await pending.future
 
-    def close(self) -> None:
-        """Stop accepting requests; everything already queued is still computed."""
+    def close(self, reason: str = "") -> None:
+        """Stop accepting requests; everything already queued (or reserved) is still computed.
+        ``reason``: what a refused request is told."""
         self._closing = True
+        if reason:
+            self._closed_because = reason
         if self._loop is not None:
             self._schedule()
+        self._check_idle()
 
-    async def drain(self) -> None:
-        """close(), then wait until the queue is empty and every execution has finished."""
-        self.close()
+    async def drain(self, reason: str = "") -> None:
+        """close(), then wait until the queue is empty, every execution has finished and every
+        reserved request has come and gone."""
+        self.close(reason)
         await self._idle.wait()
 
     # -- on the event loop only
     def _schedule(self) -> None:
-        if self._free == 0 or not self._queue:
+        if self._free == 0 or not self._queue or self._held is not None:
             return
         if self._timer is not None:
             if self._queued_images < self._max and not self._closing:
@@ -193,7 +216,7 @@ class Batcher:
             self._timer = None
         loop = self._loop
         assert loop is not None
-        while self._free > 0 and self._queue:
+        while self._free > 0 and self._queue and self._held is None:
             now = loop.time()
             if self._queued_images < self._max and not self._closing:
                 due = self._held_until(now)
@@ -250,6 +273,8 @@ class Batcher:
             y, seconds, cpu = self._execute(x)
         finally:
             self._free += 1
+            if self._reserved == 0 and self._closing:
+                self._check_idle()  # a reserved request computed at once (drain waits for it)
         self._check_rows(y, images)
         self._account(images, 1, seconds, cpu)
         return y
@@ -313,5 +338,5 @@ class Batcher:
         self._inline.ran(images, cpu)
 
     def _check_idle(self) -> None:
-        if not self._queue and self._free == self._instances:
+        if not self._queue and self._free == self._instances and self._reserved == 0:
             self._idle.set()

@@ -8,7 +8,9 @@ from typing import Any
 import click
 
 from cnnctl.errors import UsageError
-from cnnctl.serving.config import DEVICES, BatchingConfig, LimitsConfig, ServerConfig
+from cnnctl.serving.config import (
+    DEVICES, MODEL_CONTROL_MODES, BatchingConfig, LimitsConfig, ServerConfig,
+)
 
 _DEFAULT = ServerConfig()
 _BATCH = BatchingConfig()
@@ -52,7 +54,26 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("serve")
 @click.argument("artifact_dirs", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--repository", type=click.Path(file_okay=False), default=None,
-              help="Serve every artifact directory in DIR (DIR/name/ or DIR/name/version/).")
+              help="Serve the models in DIR: DIR/NAME/ holds one artifact, or one per version "
+              "(DIR/NAME/<version>/); DIR/NAME/config.pbtxt may set Triton's version_policy "
+              "(default: the latest version).")
+@click.option("--model-control-mode", type=click.Choice(MODEL_CONTROL_MODES),
+              default=_DEFAULT.model_control_mode, show_default=True,
+              help="none: serve what start-up loads (a model that fails stops it). explicit: "
+              "load and unload on RepositoryModelLoad/Unload requests. poll: rescan "
+              "--repository and load, swap and unload versions as they appear and go. Loads "
+              "run beside serving; a new version is swapped in only once warmed up and "
+              "verified.")
+@click.option("--repository-poll-secs", type=_POSITIVE, default=_DEFAULT.repository_poll_secs,
+              show_default=True, help="Poll mode: seconds between rescans of --repository; a "
+              "version is loaded once its files are unchanged for one interval.")
+@click.option("--load-model", "load_models", multiple=True, metavar="NAME",
+              help="Explicit mode: a --repository model to load at start-up (repeatable); "
+              "others wait for a load request.")
+@click.option("--golden-check/--no-golden-check", default=_DEFAULT.golden_check,
+              show_default=True, help="At every load, run the artifact's golden set on the "
+              "provider and precision it will serve with; the model is ready only if the "
+              "answers match.")
 @click.option("--host", default=_DEFAULT.host, show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=_DEFAULT.port, show_default=True,
               help="0 picks a free port (printed at startup).")
@@ -121,7 +142,9 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="Shared-memory regions each client user may register (one open descriptor "
               "each); beyond it RESOURCE_EXHAUSTED.")
 @_limit_options
-def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, port: int,
+def serve(artifact_dirs: tuple[str, ...], repository: str | None, model_control_mode: str,
+          repository_poll_secs: float, load_models: tuple[str, ...], golden_check: bool,
+          host: str, port: int,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
           dynamic_batching: bool,
@@ -135,10 +158,12 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, host: str, por
     """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
-    if not artifact_dirs and not repository:
+    if not artifact_dirs and not repository and model_control_mode == "none":
         raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
     config = ServerConfig(
-        artifact_dirs=tuple(artifact_dirs), repository=repository, host=host, port=port,
+        artifact_dirs=tuple(artifact_dirs), repository=repository,
+        model_control_mode=model_control_mode, repository_poll_secs=repository_poll_secs,
+        load_models=tuple(load_models), golden_check=golden_check, host=host, port=port,
         batching=BatchingConfig(enabled=dynamic_batching, max_batch_size=max_batch_size,
                                 max_queue_delay_ms=max_queue_delay_ms,
                                 max_queue_size=max_queue_size,

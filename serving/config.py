@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cnnctl.errors import UsageError
 from cnnctl.serving.shm import is_loopback_host
 
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -116,6 +117,12 @@ class ServerConfig:
     # Regions per client user: each holds one descriptor (and no memory: shm.py).
     max_shared_memory_regions: int = 64
     shm_dir: str | None = None  # set for --workers: where the workers share their registrations
+    # Model control (repository.py), as Triton's --model-control-mode: none | explicit | poll.
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0  # poll mode: how often the repository is rescanned (s)
+    load_models: tuple[str, ...] = ()  # explicit mode: the repository models loaded at start
+    # Run each artifact's golden set at load (readiness.py); off: ready once warmed up.
+    golden_check: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.drain_delay_s <= self.grace_s:
@@ -134,6 +141,22 @@ class ServerConfig:
                              f"use a loopback --host, or add "
                              f"--allow-shared-memory-non-loopback-host (remote peers are still "
                              f"refused)")
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise UsageError(f"--model-control-mode {self.model_control_mode!r} is not one of "
+                             f"{', '.join(MODEL_CONTROL_MODES)}")
+        if self.model_control_mode == "poll" and not self.repository:
+            raise UsageError("--model-control-mode poll needs --repository DIR (the directory "
+                             "it rescans)")
+        if self.load_models and not (self.model_control_mode == "explicit" and self.repository):
+            raise UsageError("--load-model goes with --model-control-mode explicit and "
+                             "--repository DIR (the other modes load every repository model)")
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise UsageError("--model-control-mode explicit with --workers: a load request "
+                             "reaches one worker only; use poll mode (each worker rescans "
+                             "the repository) or one worker")
+        if not self.repository_poll_secs > 0:
+            raise UsageError(f"--repository-poll-secs must be positive, got "
+                             f"{self.repository_poll_secs}")
         if self.max_shared_memory_regions < 1:
             raise UsageError(f"max_shared_memory_regions must be at least 1, got "
                              f"{self.max_shared_memory_regions}")

@@ -14,6 +14,7 @@ Graceful shutdown, in order (all within grace_s):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -59,11 +60,37 @@ class InferenceServer:
     port: int
     _stopped: bool = False
 
+    _health_names: set[str] = dataclasses.field(default_factory=set)
+    _health_task: asyncio.Task[None] | None = None
+
     async def start(self) -> None:
         self.repository.start()
         await self.grpc_server.start()
-        for name in ("", LIVE, SERVICE_NAME, *self.repository.names()):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVE, health_pb2.HealthCheckResponse.SERVING)
+        await self._sync_health()
+        # Model control changes the served set: per-model health follows it.
+        self.repository.listeners.append(self._health_changed)
+
+    def _health_changed(self) -> None:
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.ensure_future(self._sync_health())
+        else:  # one more pass after the running one, for what changed meanwhile
+            self._health_task.add_done_callback(lambda _: self._health_changed())
+
+    async def _sync_health(self) -> None:
+        """Overall health: SERVING while every model the server was told to serve is ready
+        (as ServerReady); each model name: SERVING while a version of it is ready."""
+        if self._stopped or self.servicer.draining:
+            return
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        overall = serving if self.repository.ready() else not_serving
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
+        ready = {m.name for m in self.repository if m.ready}
+        for name in sorted(ready | self._health_names):
+            await self.health.set(name, serving if name in ready else not_serving)
+        self._health_names |= ready
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
         """Stop accepting, answer everything in flight and queued, release the models."""
@@ -74,7 +101,7 @@ class InferenceServer:
         linger = self.config.drain_delay_s if linger is None else linger
         end = loop.time() + grace
         self.servicer.draining = True
-        for name in ("", SERVICE_NAME, *self.repository.names()):
+        for name in ("", SERVICE_NAME, *self._health_names, *self.repository.names()):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(linger, grace))
         self.servicer.stop_accepting()

@@ -22,6 +22,7 @@ from cnnctl.errors import (
     UnavailableError,
     UsageError,
 )
+from cnnctl.export.manifest import shown
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.protos import model_config_pb2 as mc
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "cnnctl"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
+# ModelReady's trailing metadata when the model is not ready: why (its load failed, draining...).
+READY_REASON_KEY = "cnnctl-not-ready-reason"
 PLATFORM = "onnxruntime_onnx"
 _MESSAGE_OVERHEAD = 1024  # a request's fields besides its data, counted toward --max-pending-mb
 _NO_DEADLINE_S = 1e6  # grpc reports "no deadline" as a huge time_remaining()
@@ -146,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_status_on_error
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.draining and all(m.ready for m in self.repo))
+        return pb.ServerReadyResponse(ready=not self.draining and self.repo.ready())
 
     @_status_on_error
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
@@ -163,9 +166,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # A probe gets an answer, not an error: an unknown model is simply not ready.
         try:
             model = self.repo.get(request.name, request.version)
+            ready = model.ready and not self.draining
         except CnnctlError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=model.ready and not self.draining)
+            ready = False
+        if not ready:  # the reason rides in the trailing metadata (the message has no field)
+            why = "shutting down" if self.draining else (
+                self.repo.not_ready_reason(request.name, request.version) or "unknown model")
+            context.set_trailing_metadata(((READY_REASON_KEY, _ascii(why)),))
+        return pb.ModelReadyResponse(ready=ready)
 
     @_status_on_error
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
@@ -199,13 +207,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
-        for m in self.repo:
-            if request.ready and not m.ready:
-                continue
-            index.models.add(name=m.name, version=m.version,
-                             state="READY" if m.ready else "UNAVAILABLE",
-                             reason="" if m.ready else "shutting down")
+        for e in await self.repo.index(ready_only=request.ready):
+            reason = "shutting down" if self.draining and e.state == "READY" else e.reason
+            index.models.add(name=e.name, version=e.version, state=e.state, reason=reason)
         return index
+
+    @_status_on_error
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        _check_repository_request(request.repository_name, request.parameters, ())
+        await self.repo.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_status_on_error
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        # tritonclient always sends unload_dependents; cnnctl models have no dependents.
+        _check_repository_request(request.repository_name, request.parameters,
+                                  ("unload_dependents",))
+        await self.repo.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory (serving/shm.py)
     @_status_on_error
@@ -400,6 +423,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.batcher.release()
             raise
         return await model.batcher.submit(x, deadline, reserved=True)
+
+
+def _check_repository_request(repository: str, parameters: Any, allowed: tuple[str, ...]) -> None:
+    """Model control loads what the repository holds, nothing a client sends: Triton's config
+    override and model-file upload parameters are refused."""
+    if repository:
+        raise UsageError(f"repository_name {shown(repository)}: cnnctl serves one repository; "
+                         f"leave it empty")
+    extra = sorted(k for k in parameters if k not in allowed)
+    if extra:
+        raise UsageError(f"parameters {shown(extra)} are not supported; cnnctl loads models only "
+                         f"from its repository (no config override, no uploaded files)"
+                         + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+
+
+def _ascii(text: str) -> str:
+    """gRPC metadata values must be printable ASCII."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:1000]
 
 
 async def _write(context: grpc.aio.ServicerContext, answer: pb.ModelStreamInferResponse) -> bool:

@@ -117,6 +117,65 @@ def stream(url: str, model: str, input_path: str) -> None:
     print(json.dumps({"logits": got, "errors": errors}))
 
 
+def control(url: str, model: str, input_path: str) -> None:
+    """Model control through tritonclient: the index, load_model, requests queued (the server
+    holds batches for --max-queue-delay-ms) when unload_model is called, the index after, a
+    reload, and the errors of a model the repository does not hold."""
+    import threading
+    import time
+
+    x = np.load(input_path).astype("<f4")
+    client = tg.InferenceServerClient(url)
+    out: dict = {"index_before": client.get_model_repository_index(as_json=True)}
+    out["ready_before"] = client.is_model_ready(model)
+    start = time.monotonic()
+    client.load_model(model)
+    out["load_s"] = time.monotonic() - start
+    out["ready_loaded"] = client.is_model_ready(model)
+    out["server_ready_loaded"] = client.is_server_ready()
+    answers: list = []
+    done = threading.Event()
+
+    def answered(result, error) -> None:
+        answers.append((time.monotonic(), result, error))
+        if len(answers) == len(x):
+            done.set()
+
+    for i in range(len(x)):
+        inp = tg.InferInput("input", [1, *x.shape[1:]], "FP32")
+        inp.set_data_from_numpy(x[i:i + 1])
+        client.async_infer(model, [inp], answered, request_id=f"q{i}")
+    time.sleep(0.3)  # all sent; the server holds them for the queue delay
+    out["answered_before_unload"] = len(answers)
+    unload_at = time.monotonic()
+    client.unload_model(model)
+    unloaded_at = time.monotonic()
+    done.wait(60)
+    out["unload_s"] = unloaded_at - unload_at
+    out["answers"] = [{"after_unload_began_s": t - unload_at, "id": r.get_response().id,
+                       "logits": base64.b64encode(r.as_numpy("logits").tobytes()).decode()}
+                      if e is None else {"error": e.message()} for t, r, e in answers]
+    out["ready_unloaded"] = client.is_model_ready(model)
+    out["index_unloaded"] = client.get_model_repository_index(as_json=True)
+    inp = tg.InferInput("input", [1, *x.shape[1:]], "FP32")
+    inp.set_data_from_numpy(x[:1])
+    errors = {}
+    try:
+        client.infer(model, [inp])
+    except tg.InferenceServerException as exc:
+        errors["infer_unloaded"] = [exc.status(), exc.message()]
+    try:
+        client.load_model("no-such-model")
+    except tg.InferenceServerException as exc:
+        errors["load_unknown"] = [exc.status(), exc.message()]
+    client.load_model(model)
+    out["ready_reloaded"] = client.is_model_ready(model)
+    out["index_reloaded"] = client.get_model_repository_index(as_json=True)
+    out["errors"] = errors
+    client.close()
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
-    {"infer": main, "shm": shared_memory, "stream": stream}[sys.argv[4] if len(sys.argv) > 4 else "infer"](
+    {"infer": main, "shm": shared_memory, "stream": stream, "control": control}[sys.argv[4] if len(sys.argv) > 4 else "infer"](
         *sys.argv[1:4])

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,9 @@ from cnnctl.serving.config import BatchingConfig, LimitsConfig, ServerConfig
 
 
 def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None = None,
-                  version: str = "1", seed: int = 0) -> Path:
+                  version: str = "1", seed: int = 0, golden: bool = True) -> Path:
+    """``golden``: store a golden set (random pixels, the eager model's logits), as `cnnctl
+    export` stores one of real images."""
     import torch
 
     from cnnctl.training.models import build_model, get_spec
@@ -50,8 +53,36 @@ def make_artifact(directory: str | Path, model: str = "lenet5", name: str | None
         image=ImageSpec(channels=c, height=h, width=w, mean=mean, std=std),
         class_names=[str(i) for i in range(10)], opset=17,
     )
+    if golden:
+        from cnnctl.export.golden import GOLDEN_IMAGES, GoldenTolerance, write_golden
+        from cnnctl.export.image import to_tensor
+
+        pixels = np.random.default_rng(seed).integers(0, 256, (GOLDEN_IMAGES, h, w, c),
+                                                      dtype=np.uint8)
+        with torch.no_grad():
+            logits = net(torch.from_numpy(to_tensor(list(pixels), manifest.image))).numpy()
+        section = write_golden(directory, pixels, logits, None, "random pixels",
+                               {"fp32": GoldenTolerance(1e-5, 1e-5, 0.999),
+                                "fp32-cuda": GoldenTolerance(1e-2, 1e-2, 0.99)})
+        manifest = dataclasses.replace(manifest, golden=section)
     save_manifest(directory, manifest)
     return directory
+
+
+def rewrite_listed(directory: str | Path, relpath: str) -> None:
+    """Make the manifest's sha256 and size of ``relpath`` match the file as it is now: a
+    tampered artifact that passes the file checks (what only the golden check can catch)."""
+    import json
+
+    from cnnctl.export.manifest import MANIFEST_NAME, sha256_file
+
+    path = Path(directory) / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    for entry in data["files"]:
+        if entry["path"] == relpath:
+            entry["sha256"] = sha256_file(Path(directory) / relpath)
+            entry["bytes"] = (Path(directory) / relpath).stat().st_size
+    path.write_text(json.dumps(data))
 
 
 def config_for(*dirs: Path, **overrides: Any) -> ServerConfig:

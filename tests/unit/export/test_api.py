@@ -119,7 +119,7 @@ def test_force_replaces_and_bare_state_dict_with_model_name(
     (out / "stale.txt").write_text("old")
     m = api.export_checkpoint(sd_path, out, "torchscript", model_name="lenet5", name="digits",
                               version="3", force=True, verify_images=200)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["golden.npz", "manifest.json", "model.pt"]
     assert (m.name, m.version) == ("digits", "3")
     # the bare state_dict names no dataset: the verifier says it fell back to mnist-sample
     assert "fell back to the embedded mnist-sample" in m.verification["real_images"]["note"]
@@ -166,3 +166,40 @@ def test_fp16_file_kept_beside_fp32(trained_checkpoints: dict[str, Path], tmp_pa
     fp16 = m.verification["artifacts"][1]
     assert fp16["passed"] and fp16["real"]["argmax_agreement"] >= 0.99
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["files"][1]["precision"] == "fp16"
+
+
+def test_golden_set_holds_real_held_out_images_and_eager_logits(
+        artifact: Path, trained_checkpoints: dict[str, Path]) -> None:
+    """The golden set (export/golden.py): the first held-out images verification used, at the
+    model's size; the eager model's logits on them through the artifact's own image spec; a
+    tolerance per precision of the artifact's files; listed (and sha256-checked) like a file."""
+    import numpy as np
+
+    from cnnctl.export import golden
+    from cnnctl.export.manifest import listed_files
+    from cnnctl.training.checkpoint import model_from_checkpoint
+
+    m = load_manifest(artifact)
+    g = golden.read_golden(artifact, m)
+    assert (m.golden["images"], m.golden["dataset"], m.golden["labels"]) == (
+        golden.GOLDEN_IMAGES, "mnist-sample/test", True)
+    assert sorted(m.golden["tolerance"]) == ["fp32", "fp32-cuda", "int8"]
+    assert ("golden.npz", m.golden["file"]["sha256"], m.golden["file"]["bytes"]) in \
+        listed_files(m)
+    assert g.pixels.shape == (golden.GOLDEN_IMAGES, 32, 32, 1) and g.pixels.dtype == np.uint8
+    assert len(np.unique(g.labels)) >= 5  # real, labelled images, several classes
+    model = model_from_checkpoint(load_checkpoint(trained_checkpoints["lenet5"]), "cpu",
+                                  check_inputs=False).eval()
+    with torch.no_grad():
+        eager = model(torch.from_numpy(g.inputs(m))).numpy()
+    np.testing.assert_allclose(g.logits, eager, rtol=1e-6, atol=1e-6)
+    # The served files pass it with their own tolerance; the int8 file fails fp32's.
+    import onnxruntime as ort
+
+    def run(path: str) -> np.ndarray:
+        s = ort.InferenceSession(str(artifact / path), providers=["CPUExecutionProvider"])
+        return s.run(["logits"], {"input": g.inputs(m)})[0]
+
+    assert golden.compare(run("model.onnx"), g, golden.tolerance_for(m, "fp32")).passed
+    assert golden.compare(run("model.int8.onnx"), g, golden.tolerance_for(m, "int8")).passed
+    assert not golden.compare(run("model.int8.onnx"), g, golden.tolerance_for(m, "fp32")).passed
