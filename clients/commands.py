@@ -191,6 +191,7 @@ def health(server: str, service: str, timeout: float, tls: bool, root_certs: str
         raise SystemExit(1)
 
 
+@click.command()
 @click.option("--server", required=True, help=SERVER_HELP)
 @click.argument("artifact_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", default=None, help="Served model name [default: the artifact's].")
