@@ -301,12 +301,8 @@ def message_json(message: Message) -> Any:
     """A protobuf message as Triton's HTTP frontend writes it: field names as in the .proto,
     every field present, 64-bit integers as JSON numbers (protobuf's JSON mapping quotes them;
     perf_analyzer reads them as numbers)."""
-    try:
-        doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                        always_print_fields_with_no_presence=True)
-    except TypeError:  # protobuf before 5.26
-        doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                        including_default_value_fields=True)
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
     _unquote(message.DESCRIPTOR, doc)
     return doc
 
@@ -440,10 +436,13 @@ class HttpFrontend:
     async def start(self) -> None:
         assert self.sock is not None, "bind() first"
         idle = self.config.limits.max_connection_idle_s
+        # Every infer is answered before stop() (server.py): the shutdown only closes
+        # connections, so a short timeout.
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     keepalive_timeout=idle if idle > 0 else 3600.0)
+                                     keepalive_timeout=idle if idle > 0 else 3600.0,
+                                     shutdown_timeout=5.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, self.sock, shutdown_timeout=5.0,
+        await web.SockSite(self._runner, self.sock,
                            ssl_context=_ssl_context(self.config)).start()
 
     async def stop(self) -> None:

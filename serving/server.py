@@ -122,11 +122,11 @@ class InferenceServer:
                                    max(0.0, end - loop.time()))
         except TimeoutError:
             log.warning("grace period over with %d requests unanswered", self.servicer.active)
+        if self.http is not None:
+            await self.http.stop()
         # Every request we took in is answered. What gRPC still holds is an answer on its way
         # out, or a call that arrived as the shutdown began and that it will never hand to a
         # handler, which it would keep until the grace period ends: so only FLUSH_S more.
-        if self.http is not None:
-            await self.http.stop()
         await self.grpc_server.stop(min(FLUSH_S, max(0.0, end - loop.time())))
         self.servicer.close()
         await self.repository.drain()
