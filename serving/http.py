@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -87,8 +88,8 @@ def parse_infer(body: bytes, header_length: str | None, model: str,
                              f"header's length in bytes, from 0 to the body's {len(body)}")
         header, binary = body[:n], memoryview(body)[n:]
     try:
-        doc = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
         raise UsageError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise UsageError(f"the request body must be a JSON object, got {_kind(doc)}")
@@ -183,6 +184,19 @@ def _add_input(request: pb.ModelInferRequest, tensor: Any, index: int, binary: m
         items = _strings(data, what, params.get("content_type") == "base64")
         entry.contents.bytes_contents.extend(items)
         return offset
+    # raw, as a gRPC client sends it: one decode path in the codec
+    request.raw_input_contents.append(_numbers(data, datatype, count, what, shape).tobytes())
+    return offset
+
+
+def _numbers(data: Any, datatype: str, count: int, what: str, shape: list[int]) -> np.ndarray:
+    """JSON tensor data (flat, or nested as the shape) as ``count`` values of ``datatype``."""
+    dtype = TENSOR_DTYPES[datatype]
+    if isinstance(data, list) and len(data) == count:
+        try:  # the usual flat list, in one pass
+            return np.fromiter(data, dtype, count)
+        except (TypeError, ValueError):
+            pass  # nested, or not numbers: said below
     try:
         values = np.array(data)
     except (ValueError, TypeError):
@@ -194,9 +208,7 @@ def _add_input(request: pb.ModelInferRequest, tensor: Any, index: int, binary: m
     if values.size != count:
         raise UsageError(f"{what}: 'data' holds {values.size} values; shape {_fmt(shape)} "
                          f"needs {count}")
-    # raw, as a gRPC client sends it: one decode path in the codec
-    request.raw_input_contents.append(values.astype(TENSOR_DTYPES[datatype]).tobytes())
-    return offset
+    return values.astype(dtype)
 
 
 def _strings(data: Any, what: str, b64: bool) -> list[bytes]:
@@ -282,15 +294,15 @@ def render_infer(response: pb.ModelInferResponse, plan: Plan) -> tuple[bytes, in
         if plan.binary.get(tensor.name, plan.default_binary):
             out["parameters"] = {BINARY_SIZE: len(raw)}
             chunks.append(raw)
-        else:
-            out["data"] = np.frombuffer(raw, TENSOR_DTYPES[tensor.datatype]).tolist()
+        else:  # orjson writes float32 in their shortest form that reads back the same
+            out["data"] = np.frombuffer(raw, TENSOR_DTYPES[tensor.datatype])
         outputs.append(out)
     doc: dict[str, Any] = {"model_name": response.model_name,
                            "model_version": response.model_version}
     if response.id:
         doc["id"] = response.id
     doc["outputs"] = outputs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None
     return b"".join((header, *chunks)), len(header)
@@ -336,8 +348,7 @@ def _unquote(descriptor: Descriptor, doc: dict[str, Any]) -> None:
 
 # -- the server
 def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(doc, separators=(",", ":")).encode(), status=status,
-                        content_type=JSON_TYPE)
+    return web.Response(body=orjson.dumps(doc), status=status, content_type=JSON_TYPE)
 
 
 def error_response(exc: BaseException) -> web.Response:
@@ -412,6 +423,9 @@ class HttpFrontend:
         r = self.app.router
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
+        # aiohttp tries routes in order: the hot one first
+        r.add_post(model + "/infer", self._infer)
+        r.add_post(versioned + "/infer", self._infer)
         r.add_get("/v2/health/live", self._live)
         r.add_get("/v2/health/ready", self._ready)
         r.add_get("/v2", self._metadata)
@@ -421,7 +435,6 @@ class HttpFrontend:
             r.add_get(base + "/ready", self._model_ready)
             r.add_get(base + "/config", self._config)
             r.add_get(base + "/stats", self._stats)
-            r.add_post(base + "/infer", self._infer)
         r.add_post("/v2/repository/index", self._index)
         r.add_post("/v2/repository/models/{name}/load", self._control)
         r.add_post("/v2/repository/models/{name}/unload", self._control)
@@ -505,8 +518,8 @@ class HttpFrontend:
     async def _index(self, request: web.Request) -> web.Response:
         body = await self._read(request)
         try:
-            doc = json.loads(body) if body.strip() else {}
-        except ValueError as exc:
+            doc = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as exc:
             raise UsageError(f"the request body is not valid JSON: {exc}") from None
         ready = _bool(_object(doc, "the request body").get("ready", False), "'ready'")
         # Triton's HTTP answer is the list itself
