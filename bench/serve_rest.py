@@ -41,6 +41,7 @@ sys.path.append(str(ROOT / "bench"))
 from tests.support.serving import CliServer, make_artifact  # noqa: E402
 
 MODEL = "lenet5"
+BINARY = "application/octet-stream"
 SHAPE = [1, 1, 32, 32]
 WRK_LUA = """
 wrk.method = "POST"
@@ -50,9 +51,14 @@ local f = io.open(os.getenv("BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 
 
 # -- the ceiling: aiohttp with nothing to do
-def ceiling(port: int) -> None:
+def ceiling(port: int, onnx: str | None = None) -> None:
     """Answers every route perf_analyzer and wrk call with canned bytes: reads the request body,
-    returns an answer the size of cnnctl's, and does nothing else."""
+    returns an answer the size of cnnctl's, and does nothing else. With ``onnx`` (the bare ORT
+    server) it also takes the tensor from the body (orjson, or the binary part), runs a 1-thread
+    ORT session on the event loop and answers with the logits: the most any Python server that
+    runs the model per request on aiohttp could reach (no checks, batching or metrics)."""
+    import numpy as np
+    import orjson
     from aiohttp import web
 
     logits = [0.0123456789] * 10
@@ -69,14 +75,38 @@ def ceiling(port: int) -> None:
               "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 32, 32]}],
               "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]}
 
+    session = None
+    if onnx:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+
     async def infer(request: web.Request) -> web.Response:
-        await request.read()
-        if "Inference-Header-Content-Length" in request.headers:
-            return web.Response(body=binary_answer, content_type="application/octet-stream",
+        body = await request.read()
+        length = request.headers.get("Inference-Header-Content-Length")
+        if session is not None:
+            if length is None:
+                x = np.array(orjson.loads(body)["inputs"][0]["data"], np.float32)
+            else:
+                x = np.frombuffer(body, np.float32, offset=int(length))
+            y = session.run(None, {"input": x.reshape(SHAPE)})[0]
+            if length is None:
+                return web.Response(body=orjson.dumps({
+                    "model_name": MODEL, "model_version": "1", "outputs": [
+                        {"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": y[0]}]},
+                    option=orjson.OPT_SERIALIZE_NUMPY), content_type="application/json")
+            return web.Response(body=header + y.tobytes(), content_type=BINARY,
+                                headers={"Inference-Header-Content-Length": str(len(header))})
+        if length is not None:
+            return web.Response(body=binary_answer, content_type=BINARY,
                                 headers={"Inference-Header-Content-Length": str(len(header))})
         return web.Response(body=json_answer, content_type="application/json")
 
     async def fixed(request: web.Request) -> web.Response:
+        if request.path == "/v2":
+            return web.json_response({"name": "ceiling", "version": "0", "extensions": []})
         doc = {"/config": config, "/stats": {"model_stats": []}}.get(
             request.path[len(f"/v2/models/{MODEL}"):], metadata)
         return web.json_response(doc)
@@ -86,6 +116,7 @@ def ceiling(port: int) -> None:
 
     app = web.Application()
     app.router.add_get("/v2/health/ready", ok)
+    app.router.add_get("/v2", fixed)
     app.router.add_get("/v2/models/stats", fixed)
     app.router.add_get(f"/v2/models/{MODEL}", fixed)
     app.router.add_get(f"/v2/models/{MODEL}/config", fixed)
@@ -120,9 +151,10 @@ def wait_ready(port: int, proc: subprocess.Popen[Any], path: str, timeout: float
     raise RuntimeError(f"server on {port} not ready after {timeout:.0f} s")
 
 
-def start_ceiling() -> tuple[subprocess.Popen[Any], int]:
+def start_ceiling(onnx: Path | None = None) -> tuple[subprocess.Popen[Any], int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "ceiling", "--port", str(port)])
+    extra = ["--onnx", str(onnx)] if onnx else []
+    proc = subprocess.Popen([sys.executable, __file__, "ceiling", "--port", str(port), *extra])
     wait_ready(port, proc, "/v2/health/ready")
     return proc, port
 
@@ -141,14 +173,15 @@ def start_mlserver(python: str, onnx: Path, work: Path, batch: int,
         "name": MODEL, "implementation": "onnx_runtime.OnnxModel",
         "parameters": {"uri": "./model.onnx"},
         "max_batch_size": batch, "max_batch_time": batch_time_s}))
-    proc = subprocess.Popen([python, "-m", "mlserver", "start", str(work)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    log = (work / "mlserver.log").open("w")
+    proc = subprocess.Popen([str(Path(python).parent / "mlserver"), "start", str(work)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=work)
     wait_ready(port, proc, f"/v2/models/{MODEL}/ready")
     return proc, port
 
 
 # -- load
-def wrk(port: int, concurrency: int, seconds: float, body: Path, lua: Path) -> dict[str, Any]:
+def wrk(port: int, concurrency: int, seconds: int, body: Path, lua: Path) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(lua),
            f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
@@ -218,6 +251,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command")
     c = sub.add_parser("ceiling", help="run only the do-nothing aiohttp server")
     c.add_argument("--port", type=int, required=True)
+    c.add_argument("--onnx", default=None, help="the bare ORT server: run this model")
     parser.add_argument("--artifact", default=None, help="lenet5 artifact dir (default: a "
                         "random-weight one; the speed does not depend on the weights)")
     parser.add_argument("--mlserver", default="/work/mlserver-venv/bin/python",
@@ -226,13 +260,13 @@ def main() -> int:
                         help="MLServer parallel_workers (its default is 1)")
     parser.add_argument("--levels", default="1,8,64")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rates", default="300", help="perf_analyzer open-loop rates (req/s)")
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve_rest.json"))
     args = parser.parse_args()
     if args.command == "ceiling":
-        ceiling(args.port)
+        ceiling(args.port, args.onnx)
         return 0
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -249,13 +283,15 @@ def main() -> int:
         cnnctl = CliServer(str(artifact), "--device", "cpu")
         ceiling_proc, ceiling_port = start_ceiling()
         procs.append(ceiling_proc)
+        bare_proc, bare_port = start_ceiling(artifact / "model.onnx")
+        procs.append(bare_proc)
         ml_proc, ml_port = start_mlserver(args.mlserver, artifact / "model.onnx",
                                           work / "mlserver", 64, 0.002, args.mlserver_workers)
         procs.append(ml_proc)
         ports = {"cnnctl": cnnctl.http_port, "aiohttp_ceiling": ceiling_port,
-                 "mlserver": ml_port}
+                 "aiohttp_bare_ort": bare_port, "mlserver": ml_port}
         for port in ports.values():  # warm up: sessions, connections, allocators
-            wrk(port, 8, 2.0, body, lua)
+            wrk(port, 8, 2, body, lua)
         results: dict[str, Any] = {"wrk_json": {}, "perf_analyzer_binary": {}}
         for c in levels:
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ports}
@@ -265,6 +301,7 @@ def main() -> int:
             row = {name: median_runs(r) for name, r in runs.items()}
             cn = row["cnnctl"]["images_per_s"]
             row["cnnctl_vs_ceiling"] = round(cn / row["aiohttp_ceiling"]["images_per_s"], 3)
+            row["cnnctl_vs_bare_ort"] = round(cn / row["aiohttp_bare_ort"]["images_per_s"], 3)
             row["cnnctl_vs_mlserver"] = round(cn / row["mlserver"]["images_per_s"], 3)
             results["wrk_json"][f"c{c}"] = row
             print(f"wrk JSON c{c}: " + ", ".join(
@@ -279,15 +316,17 @@ def main() -> int:
             print(f"perf_analyzer part skipped: {exc}", file=sys.stderr)
             exe = None
         if exe:
-            pa_ports = {"cnnctl": ports["cnnctl"], "aiohttp_ceiling": ceiling_port}
+            pa_ports = {"cnnctl": ports["cnnctl"], "aiohttp_ceiling": ceiling_port,
+                        "aiohttp_bare_ort": bare_port}
             loads = [(f"c{c}", c, None) for c in levels] + [
                 (f"poisson{r}", None, float(r)) for r in args.rates.split(",") if r]
             for label, conc, rate in loads:
                 row = {name: perf_analyzer(exe, env, port, conc, rate, args.window_ms)
                        for name, port in pa_ports.items()}
                 if all(row.values()):
-                    row["cnnctl_vs_ceiling"] = round(row["cnnctl"]["images_per_s"]
-                                                     / row["aiohttp_ceiling"]["images_per_s"], 3)
+                    for ref in ("aiohttp_ceiling", "aiohttp_bare_ort"):
+                        row[f"cnnctl_vs_{ref[8:]}"] = round(
+                            row["cnnctl"]["images_per_s"] / row[ref]["images_per_s"], 3)
                 results["perf_analyzer_binary"][label] = row
                 print(f"perf_analyzer {label}: {json.dumps(row)}", flush=True)
     finally:
@@ -317,6 +356,9 @@ def main() -> int:
                             "max batch 64)",
                   "aiohttp_ceiling": f"aiohttp {aiohttp.__version__}, reads the body, "
                                      f"answers canned bytes of the same size",
+                  "aiohttp_bare_ort": "aiohttp, takes the tensor from the body, 1-thread ORT "
+                                      "on the loop, answers the logits; no checks, batching or "
+                                      "metrics",
                   "mlserver": f"MLServer {mlserver_version}, bench/mlserver/onnx_runtime.py, "
                               f"adaptive batching max_batch_size 64, max_batch_time 2 ms, "
                               f"parallel_workers {args.mlserver_workers}",

@@ -9,7 +9,10 @@ import base64
 import http.client
 import io
 import json
+import re
+import shutil
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +336,35 @@ def test_parse_infer_names_each_bad_field() -> None:
     assert request.parameters["x"].double_param == 1.5
     assert np.frombuffer(request.raw_input_contents[0], "<f4").tolist() == [1.0]
     assert not plan.default_binary
+
+
+def _doc_commands() -> list[tuple[str, str]]:
+    """(command, expected output) for each `$ ` line of docs/serving.md's console blocks that
+    talk to localhost:8000; ``...`` in an expected line matches anything."""
+    text = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
+    pairs: list[tuple[str, str]] = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.DOTALL):
+        if "localhost:8000" not in block:
+            continue
+        for chunk in re.split(r"^\$ ", block, flags=re.MULTILINE)[1:]:
+            command, _, expected = chunk.partition("\n")
+            pairs.append((command, expected.rstrip("\n")))
+    return pairs
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_curl_examples_in_the_docs(artifacts: dict[str, Path], tmp_path: Path,
+                                       rng: np.random.Generator) -> None:
+    commands = _doc_commands()
+    assert len(commands) >= 5 and all("curl" in c for c, _ in commands)
+    (tmp_path / "digit.png").write_bytes(png(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    # a fresh server: the statistics example counts the infers before it
+    with ServerThread(config_for(artifacts["lenet5"])) as running:
+        address = f"127.0.0.1:{running.server.http_port}"
+        for command, expected in commands:
+            done = subprocess.run(["bash", "-c", command.replace("localhost:8000", address)],
+                                  capture_output=True, text=True, cwd=tmp_path, timeout=60)
+            assert done.returncode == 0, (command, done.stderr)
+            pattern = ".*".join(re.escape(part) for part in expected.split("..."))
+            assert re.fullmatch(pattern, done.stdout.rstrip("\n"), re.DOTALL), (
+                command, done.stdout)
