@@ -568,14 +568,14 @@ class HttpFrontend:
         """The body, refused before it is read when it says it is over --max-message-mb."""
         length = request.content_length
         if length is not None and length > self.max_bytes:
-            raise MessageTooLargeError(self._too_large(f"{length} bytes"))
-        try:
+            raise MessageTooLargeError(self._too_large(f" of {length} bytes"))
+        try:  # chunked, or compressed: counted as it arrives, decompressed
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise MessageTooLargeError(self._too_large("more")) from None
+            raise MessageTooLargeError(self._too_large("")) from None
 
     def _too_large(self, size: str) -> str:
-        return (f"request body of {size} is over --max-message-mb {self.max_bytes >> 20} "
+        return (f"request body{size} is over --max-message-mb {self.max_bytes >> 20} "
                 f"({self.max_bytes} bytes)")
 
 

@@ -368,3 +368,35 @@ def test_the_curl_examples_in_the_docs(artifacts: dict[str, Path], tmp_path: Pat
             pattern = ".*".join(re.escape(part) for part in expected.split("..."))
             assert re.fullmatch(pattern, done.stdout.rstrip("\n"), re.DOTALL), (
                 command, done.stdout)
+
+
+def test_compressed_bodies_count_decompressed(url: str, triton: Any, server: ServerThread,
+                                              rng: np.random.Generator) -> None:
+    import gzip
+
+    bomb = gzip.compress(b" " * (16 << 20))  # 16 KiB on the wire, 16 MiB decompressed
+    status, _, answer = call(url, "POST", INFER, bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and "over --max-message-mb 1" in json.loads(answer)["error"]
+    x = rng.standard_normal((1, 1, 32, 32), dtype=np.float32)
+    tensor = httpclient.InferInput("input", [1, 1, 32, 32], "FP32")
+    tensor.set_data_from_numpy(x)
+    got = triton.infer("lenet5", [tensor], model_version="1",
+                       request_compression_algorithm="gzip").as_numpy("logits")
+    np.testing.assert_array_equal(got, grpc_logits(server, x, version="1"))
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off(url: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b" " * (64 << 10)  # 1.25 MiB in all, no Content-Length
+
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", INFER, body=chunks(), encode_chunked=True)
+        answer = conn.getresponse()
+        assert answer.status == 413
+        assert json.loads(answer.read())["error"] == (
+            "request body is over --max-message-mb 1 (1048576 bytes)")
+    finally:
+        conn.close()
