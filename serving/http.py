@@ -19,11 +19,11 @@ import asyncio
 import base64
 import binascii
 import json
-import logging
 import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,8 +45,6 @@ from cnnctl.serving.config import ServerConfig
 from cnnctl.serving.errors import http_status_for
 from cnnctl.serving.servicer import InferenceServicer
 
-log = logging.getLogger(__name__)
-
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # A deadline for one request over HTTP, in ms (gRPC has its own; Triton's "timeout" request
 # parameter, in µs, works on both).
@@ -61,14 +59,12 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SIZED = {name: dtype.itemsize for name, dtype in TENSOR_DTYPES.items()}
 
 
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """How to write an infer answer: which outputs go as binary (None: the request's default)."""
+    """How to write an infer answer: which outputs go as binary."""
 
-    __slots__ = ("default_binary", "binary")
-
-    def __init__(self, default_binary: bool, binary: dict[str, bool]) -> None:
-        self.default_binary = default_binary
-        self.binary = binary
+    default_binary: bool  # the request's binary_data_output
+    binary: dict[str, bool]  # output name -> its own binary_data, where it says
 
 
 # -- request: JSON (+ binary) -> pb.ModelInferRequest
@@ -176,9 +172,6 @@ def _add_input(request: pb.ModelInferRequest, tensor: Any, index: int, binary: m
     if "data" not in tensor:
         raise UsageError(f"{what} has no data: send 'data', or binary data with "
                          f"'{BINARY_SIZE}' in its parameters")
-    if request.raw_input_contents:
-        raise UsageError(f"{what} has JSON 'data' but an earlier input is binary; send all "
-                         f"inputs one way")
     data = tensor["data"]
     if datatype == "BYTES":
         items = _strings(data, what, params.get("content_type") == "base64")
