@@ -359,6 +359,8 @@ def main() -> int:
     doc = {
         "script": "bench/serve_rest.py",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
