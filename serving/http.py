@@ -241,6 +241,18 @@ def _set_parameter(param: pb.InferParameter, value: Any, key: str) -> None:
                          f"{_kind(value)}")
 
 
+def _set_repository_parameter(param: pb.ModelRepositoryParameter, value: Any, key: str) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int) and _INT64[0] <= value <= _INT64[1]:
+        param.int64_param = value
+    elif isinstance(value, str):
+        param.string_param = value
+    else:
+        raise UsageError(f"parameter '{key}' must be a string, integer or boolean, got "
+                         f"{_clip(value)}")
+
+
 def _refuse_shm(params: dict[str, Any], what: str) -> None:
     if any(k in params for k in _SHM_KEYS):
         raise NotEnabledError(f"{what} names a shared-memory region; shared memory is served "
@@ -394,6 +406,16 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _Context:
+    """What the servicer's non-infer handlers ask of a gRPC context, for an HTTP caller."""
+
+    def __init__(self) -> None:
+        self.trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing_metadata = tuple(metadata)
+
+
 class HttpFrontend:
     """The REST routes over one InferenceServicer; ``bind`` then ``start``, ``stop`` at shutdown."""
 
@@ -477,7 +499,7 @@ class HttpFrontend:
     async def _grpc(self, method: str, message: Message) -> Any:
         """The servicer's handler for ``method`` without its gRPC wrapper (its errors raise)."""
         handler = getattr(InferenceServicer, method).__wrapped__
-        return await handler(self.servicer, message, None)
+        return await handler(self.servicer, message, _Context())
 
     async def _live(self, request: web.Request) -> web.Response:
         return _ok((await self._grpc("ServerLive", pb.ServerLiveRequest())).live)
@@ -508,21 +530,32 @@ class HttpFrontend:
         return await self._answer("ModelStatistics",
                                   pb.ModelStatisticsRequest(**_model(request)))
 
-    async def _index(self, request: web.Request) -> web.Response:
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """A small JSON object body (empty: {})."""
         body = await self._read(request)
         try:
             doc = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as exc:
             raise UsageError(f"the request body is not valid JSON: {exc}") from None
-        ready = _bool(_object(doc, "the request body").get("ready", False), "'ready'")
+        return _object(doc, "the request body")
+
+    async def _index(self, request: web.Request) -> web.Response:
+        ready = _bool((await self._json_body(request)).get("ready", False), "'ready'")
         # Triton's HTTP answer is the list itself
         return await self._answer("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready),
                                   lambda a: message_json(a).get("models", []))
 
     async def _control(self, request: web.Request) -> web.Response:
-        return error_response(NotEnabledError(
-            f"model control is not enabled: cannot {request.path.rsplit('/', 1)[1]} model "
-            f"'{request.match_info['name']}'; this server serves the models it started with"))
+        """Load or unload (Triton's model repository extension): the gRPC handler's checks, mode
+        and answer; the body's "parameters" go along as the gRPC request's."""
+        load = request.path.endswith("/load")
+        message = (pb.RepositoryModelLoadRequest if load else pb.RepositoryModelUnloadRequest)(
+            model_name=request.match_info["name"])
+        params = _object((await self._json_body(request)).get("parameters"), "'parameters'")
+        for key, value in params.items():
+            _set_repository_parameter(message.parameters[key], value, key)
+        await self._grpc("RepositoryModelLoad" if load else "RepositoryModelUnload", message)
+        return web.Response()
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

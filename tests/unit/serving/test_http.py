@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gc
 import http.client
 import io
 import json
@@ -42,11 +44,23 @@ def url(server: ServerThread) -> str:
     return f"127.0.0.1:{server.server.http_port}"
 
 
+@contextlib.contextmanager
+def triton_client(url: str) -> Iterator[Any]:
+    client = httpclient.InferenceServerClient(url)
+    try:
+        yield client
+    finally:
+        client.close()
+        # It sits in reference cycles; collected later, in the server's thread, its __del__
+        # would close it again and gevent refuses a hub used from another thread.
+        del client
+        gc.collect()
+
+
 @pytest.fixture
 def triton(url: str) -> Iterator[Any]:
-    client = httpclient.InferenceServerClient(url)
-    yield client
-    client.close()
+    with triton_client(url) as client:
+        yield client
 
 
 def call(url: str, method: str, path: str, body: bytes | str | None = None,
@@ -200,8 +214,14 @@ BAD_REQUESTS = [
     ("POST", INFER, json.dumps({"parameters": {"timeout": -5}, "inputs": json.loads(
         _json_input())["inputs"]}), {}, 400, "parameter 'timeout' must be a positive integer"),
     ("POST", INFER, "x" * (1 << 21), {}, 413, "over --max-message-mb 1"),
-    ("POST", "/v2/repository/models/lenet5/load", "", {}, 400, "model control is not enabled"),
-    ("POST", "/v2/repository/models/lenet5/unload", "", {}, 400, "model control is not enabled"),
+    ("POST", "/v2/repository/models/lenet5/load", "", {}, 400,
+     "model load requests need --model-control-mode explicit; this server runs with "
+     "--model-control-mode none"),
+    ("POST", "/v2/repository/models/lenet5/unload", "", {}, 400,
+     "model unload requests need --model-control-mode explicit"),
+    ("POST", "/v2/repository/models/lenet5/load", '{"parameters": {"config": "{}"}}', {}, 400,
+     "parameters ['config'] are not supported"),
+    ("POST", "/v2/repository/index", "[]", {}, 400, "the request body must be a JSON object"),
     ("GET", "/v2/nothing", None, {}, 404, "Not Found: GET /v2/nothing"),
     ("PUT", INFER, "{}", {}, 405, "Method Not Allowed"),
 ]
@@ -400,3 +420,30 @@ def test_a_chunked_body_over_the_limit_is_cut_off(url: str) -> None:
             "request body is over --max-message-mb 1 (1048576 bytes)")
     finally:
         conn.close()
+
+
+def test_explicit_model_control_over_http(tmp_path: Path, artifacts: dict[str, Path],
+                                          reference: Any, rng: np.random.Generator) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(artifacts["lenet5"], repo / "lenet5" / "1")
+    config = config_for(repository=str(repo), model_control_mode="explicit")
+    with ServerThread(config) as running:
+        url = f"127.0.0.1:{running.server.http_port}"
+        with triton_client(url) as client:
+            assert client.get_model_repository_index() == [
+                {"name": "lenet5", "version": "", "state": "UNAVAILABLE",
+                 "reason": "not loaded"}]
+            client.load_model("lenet5")
+            assert client.is_model_ready("lenet5")
+            x = rng.standard_normal((2, 1, 32, 32), dtype=np.float32)
+            tensor = httpclient.InferInput("input", [2, 1, 32, 32], "FP32")
+            tensor.set_data_from_numpy(x)
+            np.testing.assert_allclose(client.infer("lenet5", [tensor]).as_numpy("logits"),
+                                       reference(x), rtol=1e-5, atol=1e-5)
+            client.unload_model("lenet5")
+            assert not client.is_model_ready("lenet5")
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("lenet5", [tensor])
+            assert info.value.status() == "503"
+            assert "model 'lenet5' is not ready: version 1 UNAVAILABLE: unloaded" in (
+                info.value.message())
