@@ -305,7 +305,8 @@ async def serve(config: ServerConfig, announce: bool = True,
                  if metrics_server else "")
         web = ""
         if server.http is not None:
-            web = f" and {'https' if config.tls_cert else 'http'}://{config.host}:{server.http_port}"
+            http = "https" if config.tls_cert else "http"
+            web = f" and {http}://{config.host}:{server.http_port}"
         print(f"listening on {scheme}://{config.host}:{port}{web}{extra}", flush=True)
     if on_started is not None:
         on_started(f"serving {models}")

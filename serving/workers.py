@@ -84,8 +84,8 @@ def run_workers(config: ServerConfig) -> int:
         1, ((os.cpu_count() or 1) - config.workers) // (config.workers * config.instances))
     # A client's connections may reach different workers: they share shared-memory registrations.
     shm_dir = tempfile.mkdtemp(prefix="cnnctl-shm-") if config.allow_shared_memory else None
-    worker_config = replace(config, port=port, http_port=http_port, workers=1, reuse_port=True, metrics_port=None,
-                            intra_op_threads=threads, shm_dir=shm_dir)
+    worker_config = replace(config, port=port, http_port=http_port, workers=1, reuse_port=True,
+                            metrics_port=None, intra_op_threads=threads, shm_dir=shm_dir)
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     level = logging.getLogger().getEffectiveLevel()
