@@ -30,8 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("cnnctl.training.commands:datasets", "Datasets cnnctl can train on."),
     "export": ("cnnctl.export.commands:export", "Export CHECKPOINT to verified ONNX/TorchScript "
                "files plus manifest.json."),
-    "serve": ("cnnctl.serving.commands:serve", "Serve exported artifacts over the KServe v2 gRPC "
-              "protocol (Triton-compatible)."),
+    "serve": ("cnnctl.serving.commands:serve", "Serve exported artifacts over the KServe v2 protocol, "
+              "gRPC and REST (Triton-compatible)."),
     "predict": ("cnnctl.clients.commands:predict", "Classify IMAGE files (PNG/JPEG, or folders "
                 "of them) on a running server."),
     "bench": ("cnnctl.clients.commands:bench", "Throughput and p50/p90/p99 latency of a running "

@@ -148,8 +148,8 @@ def run_demo(config: DemoConfig, echo: Any = print) -> dict[str, Any]:
         echo("[3/4] serve on a free local port")
         # One ORT thread: the client shares the cores, and 28×28 models gain nothing from two.
         server = ServerThread(ServerConfig(artifact_dirs=(str(artifact),), host="127.0.0.1",
-                                           port=0, device="cpu", intra_op_threads=1,
-                                           grace_s=5.0))
+                                           port=0, http_port=None, device="cpu",
+                                           intra_op_threads=1, grace_s=5.0))
         try:
             address = server.address
             echo(f"      listening on grpc://{address} (model '{config.model}')")

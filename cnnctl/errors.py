@@ -57,6 +57,10 @@ class OverloadedError(CnnctlError):
     """The request queue is full, or a message is over the size limit: RESOURCE_EXHAUSTED."""
 
 
+class MessageTooLargeError(OverloadedError):
+    """A request body over --max-message-mb: RESOURCE_EXHAUSTED (gRPC), 413 (HTTP)."""
+
+
 class DeadlineExceededError(CnnctlError):
     """A request whose deadline passed before it was computed: DEADLINE_EXCEEDED."""
 

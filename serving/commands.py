@@ -77,6 +77,10 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--host", default=_DEFAULT.host, show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=_DEFAULT.port, show_default=True,
               help="0 picks a free port (printed at startup).")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=_DEFAULT.http_port,
+              show_default=True, help="The v2 REST endpoint (curl, HTTP probes, KServe's REST "
+              "path) on --host; 0 picks a free port (printed at startup).")
+@click.option("--no-http", is_flag=True, default=False, help="Serve gRPC only.")
 @click.option("--max-batch-size", type=_COUNT, default=_BATCH.max_batch_size, show_default=True,
               help="Images per merged model execution.")
 @click.option("--max-queue-delay-ms", type=_NONNEG, default=_BATCH.max_queue_delay_ms,
@@ -144,7 +148,7 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_limit_options
 def serve(artifact_dirs: tuple[str, ...], repository: str | None, model_control_mode: str,
           repository_poll_secs: float, load_models: tuple[str, ...], golden_check: bool,
-          host: str, port: int,
+          host: str, port: int, http_port: int, no_http: bool,
           max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
           inline_below_us: float, inline_full_below_us: float, gather_max_ms: float,
           dynamic_batching: bool,
@@ -155,7 +159,7 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, model_control_
           max_connection_age_s: float, allow_shared_memory: bool,
           allow_shared_memory_non_loopback_host: bool, max_shared_memory_regions: int,
           **limits: Any) -> None:
-    """Serve exported artifacts over the KServe v2 gRPC protocol (Triton-compatible)."""
+    """Serve exported artifacts over the KServe v2 protocol, gRPC and REST (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
     if not artifact_dirs and not repository and model_control_mode == "none":
@@ -164,6 +168,7 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, model_control_
         artifact_dirs=tuple(artifact_dirs), repository=repository,
         model_control_mode=model_control_mode, repository_poll_secs=repository_poll_secs,
         load_models=tuple(load_models), golden_check=golden_check, host=host, port=port,
+        http_port=None if no_http else http_port,
         batching=BatchingConfig(enabled=dynamic_batching, max_batch_size=max_batch_size,
                                 max_queue_delay_ms=max_queue_delay_ms,
                                 max_queue_size=max_queue_size,

@@ -84,6 +84,9 @@ class ServerConfig:
     repository: str | None = None  # a directory of artifact directories
     host: str = "127.0.0.1"  # --host 0.0.0.0 to serve other machines
     port: int = 8001  # Triton's gRPC port; 0 picks a free one
+    # The v2 REST endpoint (serving/http.py) on --host beside gRPC: Triton's HTTP port; 0 picks a
+    # free one; None: off.
+    http_port: int | None = 8000
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     instances: int = 1  # model executions in flight at once per model

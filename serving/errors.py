@@ -1,8 +1,9 @@
-"""The one table from exceptions to gRPC status codes.
+"""The tables from exceptions to gRPC status codes and to HTTP statuses.
 
-Every error the server answers with goes through ``status_for``: a ``CnnctlError`` subclass maps to
-its code and keeps its message (which names the bad value and what is allowed); anything else is a
-bug, answered INTERNAL with a short message and logged with its traceback.
+Every error the server answers with goes through ``status_for`` (gRPC) or ``http_status_for``
+(REST): a ``CnnctlError`` subclass maps to its code and keeps its message (which names the bad value
+and what is allowed); anything else is a bug, answered INTERNAL (500) with a short message and
+logged with its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cnnctl.errors import (
     ArtifactError,
     CnnctlError,
     DeadlineExceededError,
+    MessageTooLargeError,
     NotEnabledError,
     NotFoundError,
     OverloadedError,
@@ -41,6 +43,20 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CnnctlError, grpc.StatusCode.INTERNAL),
 )
 
+# HTTP statuses by gRPC code, as grpc-gateway maps them (FAILED_PRECONDITION: 400), except that a
+# body over --max-message-mb is 413: both are RESOURCE_EXHAUSTED over gRPC.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+TOO_LARGE = 413
 
 # Refusals (and internal errors) are logged at most once per LOG_EVERY_S, with a count of the rest:
 # a client sending bad requests in a loop must not flood the log.
@@ -65,6 +81,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         message = _clip(str(exc))
     _log.note(code, message if code is not grpc.StatusCode.INTERNAL else repr(exc), exc)
     return code, message
+
+
+def http_status_for(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message to answer ``exc`` with (logged as ``status_for`` logs)."""
+    code, message = status_for(exc)
+    if isinstance(exc, MessageTooLargeError):
+        return TOO_LARGE, message
+    return HTTP_STATUS.get(code, 500), message
 
 
 def _clip(message: str) -> str:

@@ -9,6 +9,8 @@ Graceful shutdown, in order (all within grace_s):
 3. new inference requests are refused (UNAVAILABLE) and the server waits until every accepted one
    is answered, the batch queues included (the batchers keep running);
 4. the gRPC server stops, the batchers are drained and the ORT thread pools closed.
+The HTTP endpoint (http.py) follows the same steps: /v2/health/ready says false from step 1, new
+infers get 503 from step 3, and its port closes with gRPC's in step 4.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cnnctl.errors import UsageError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
 from cnnctl.serving.config import ServerConfig
+from cnnctl.serving.http import HttpFrontend
 from cnnctl.serving.metrics import ServerMetrics
 from cnnctl.serving.repository import ModelRepository
 from cnnctl.serving.servicer import InferenceServicer, lenient
@@ -58,14 +61,21 @@ class InferenceServer:
     health: health.aio.HealthServicer
     metrics: ServerMetrics
     port: int
+    http: HttpFrontend | None = None  # the REST endpoint; None with --no-http
     _stopped: bool = False
 
     _health_names: set[str] = dataclasses.field(default_factory=set)
     _health_task: asyncio.Task[None] | None = None
 
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
     async def start(self) -> None:
         self.repository.start()
         await self.grpc_server.start()
+        if self.http is not None:
+            await self.http.start()
         await self.health.set(LIVE, health_pb2.HealthCheckResponse.SERVING)
         await self._sync_health()
         # Model control changes the served set: per-model health follows it.
@@ -112,6 +122,8 @@ class InferenceServer:
                                    max(0.0, end - loop.time()))
         except TimeoutError:
             log.warning("grace period over with %d requests unanswered", self.servicer.active)
+        if self.http is not None:
+            await self.http.stop()
         # Every request we took in is answered. What gRPC still holds is an answer on its way
         # out, or a call that arrived as the shutdown began and that it will never hand to a
         # handler, which it would keep until the grace period ends: so only FLUSH_S more.
@@ -231,8 +243,12 @@ async def create_server(config: ServerConfig,
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
             pool=_reflection_pool())
+    http = None
+    if config.http_port is not None:
+        http = HttpFrontend(servicer, config, metrics.read_registry())
+        http.bind()
     return InferenceServer(config, server, repository, servicer, health_servicer, metrics,
-                           port), port
+                           port, http), port
 
 
 # glibc malloc: blocks up to MMAP_THRESHOLD come from the heap, which keeps up to TRIM_THRESHOLD
@@ -287,7 +303,11 @@ async def serve(config: ServerConfig, announce: bool = True,
         extra = (f"; metrics on http://{config.metrics_host}:{metrics_server.server_port}"
                  f"/metrics"
                  if metrics_server else "")
-        print(f"listening on {scheme}://{config.host}:{port}{extra}", flush=True)
+        web = ""
+        if server.http is not None:
+            http = "https" if config.tls_cert else "http"
+            web = f" and {http}://{config.host}:{server.http_port}"
+        print(f"listening on {scheme}://{config.host}:{port}{web}{extra}", flush=True)
     if on_started is not None:
         on_started(f"serving {models}")
     await stop_requested.wait()

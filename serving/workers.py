@@ -78,12 +78,14 @@ def run_workers(config: ServerConfig) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     reserved = _reserve_port(config.host) if config.port == 0 else None
     port = reserved.getsockname()[1] if reserved else config.port
+    http_reserved = _reserve_port(config.host) if config.http_port == 0 else None
+    http_port = http_reserved.getsockname()[1] if http_reserved else config.http_port
     threads = config.intra_op_threads or max(
         1, ((os.cpu_count() or 1) - config.workers) // (config.workers * config.instances))
     # A client's connections may reach different workers: they share shared-memory registrations.
     shm_dir = tempfile.mkdtemp(prefix="cnnctl-shm-") if config.allow_shared_memory else None
-    worker_config = replace(config, port=port, workers=1, reuse_port=True, metrics_port=None,
-                            intra_op_threads=threads, shm_dir=shm_dir)
+    worker_config = replace(config, port=port, http_port=http_port, workers=1, reuse_port=True,
+                            metrics_port=None, intra_op_threads=threads, shm_dir=shm_dir)
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     level = logging.getLogger().getEffectiveLevel()
@@ -119,6 +121,9 @@ def run_workers(config: ServerConfig) -> int:
         if reserved is not None:
             reserved.close()
             reserved = None
+        if http_reserved is not None:
+            http_reserved.close()
+            http_reserved = None
         if config.metrics_port is not None and not stop:
             from prometheus_client import start_http_server
 
@@ -130,7 +135,9 @@ def run_workers(config: ServerConfig) -> int:
                   flush=True)
         if not stop:
             scheme = "grpcs" if config.tls_cert else "grpc"
-            print(f"listening on {scheme}://{config.host}:{port} ({config.workers} workers, "
+            web = "" if http_port is None else (
+                f" and {'https' if config.tls_cert else 'http'}://{config.host}:{http_port}")
+            print(f"listening on {scheme}://{config.host}:{port}{web} ({config.workers} workers, "
                   f"{threads} intra-op threads each)", flush=True)
         for p in procs:
             while p.is_alive():
@@ -151,8 +158,9 @@ def run_workers(config: ServerConfig) -> int:
             signal.signal(s, handler)
         if metrics_server is not None:
             metrics_server.shutdown()
-        if reserved is not None:
-            reserved.close()
+        for sock in (reserved, http_reserved):
+            if sock is not None:
+                sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if shm_dir is not None:
             shutil.rmtree(shm_dir, ignore_errors=True)

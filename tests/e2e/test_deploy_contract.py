@@ -1,5 +1,5 @@
 """The shipped Deployment's contract, run locally: its exact container command (only the model
-path and the two ports replaced), its startup, readiness and liveness probes at their declared
+path and the three ports replaced), its startup, readiness and liveness probes at their declared
 periods, thresholds and timeouts, and a SIGTERM under closed-loop load, with a stand-in for
 Kubernetes' endpoint controller: clients stop sending once readiness has failed
 ``failureThreshold`` times, plus a propagation delay. Readiness must drop before any request is
@@ -46,9 +46,10 @@ def _container() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _local_command(container: dict[str, Any], models: Path, port: int,
                    metrics_port: int) -> list[str]:
-    """The container's command with /models, --port and --metrics-port replaced; nothing else."""
+    """The container's command with /models and the ports replaced; nothing else."""
     mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models")
     replaced = {mount: str(models), "--port=8001": f"--port={port}",
+                "--http-port=8000": f"--http-port={_free_port()}",
                 "--metrics-port=8002": f"--metrics-port={metrics_port}"}
     args = [replaced.get(a, a) for a in container["args"]]
     assert sum(a != b for a, b in zip(args, container["args"])) == len(replaced)

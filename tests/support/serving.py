@@ -90,6 +90,7 @@ def config_for(*dirs: Path, **overrides: Any) -> ServerConfig:
                                  if k in BatchingConfig.__dataclass_fields__})
     limits = LimitsConfig(**{k: overrides.pop(k) for k in list(overrides)
                              if k in LimitsConfig.__dataclass_fields__})
+    overrides.setdefault("http_port", 0)
     return ServerConfig(artifact_dirs=tuple(str(d) for d in dirs), host="127.0.0.1", port=0,
                         batching=batching, limits=limits, device="cpu", intra_op_threads=1,
                         **overrides)
@@ -135,7 +136,8 @@ def stub(channel: Any) -> Any:
 
 
 class CliServer:
-    """``cnnctl serve ... --port 0`` in a subprocess; the port is read from its startup line."""
+    """``cnnctl serve ... --port 0 --http-port 0`` in a subprocess; the ports are read from its
+    startup line (``http_port`` None when it serves no HTTP)."""
 
     def __init__(self, *args: str, timeout: float = 60.0, python: str | None = None,
                  cwd: str | Path | None = None) -> None:
@@ -149,8 +151,8 @@ class CliServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [python or sys.executable, "-m", "cnnctl", "-q", "serve", "--host", "127.0.0.1",
-             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            cwd=cwd)
+             "--port", "0", "--http-port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
         self.lines: list[str] = []
         # A reader thread, not select() on the pipe: a buffered readline may already hold the line.
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -167,6 +169,8 @@ class CliServer:
             found = re.search(r"listening on grpcs?://[^:]+:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
+                web = re.search(r" and https?://[^:]+:(\d+)", line)
+                self.http_port = int(web.group(1)) if web else None
                 return
         self.kill()
         raise RuntimeError("cnnctl serve did not start:\n" + "\n".join(self.lines))

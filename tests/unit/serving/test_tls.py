@@ -141,3 +141,25 @@ def test_client_certificate_settings_that_cannot_work_are_refused(pki: Path) -> 
         Client("127.0.0.1:1", certificate_chain=pki / "client.pem")
     assert str(info.value) == ("a client certificate and its private key go together; give "
                                "both or neither")
+
+
+def test_the_rest_port_is_https_with_the_same_certificate(artifacts: dict[str, Path],
+                                                          cert: tuple[Path, Path]) -> None:
+    import http.client
+    import ssl
+
+    cfg = dataclasses.replace(config_for(artifacts["lenet5"]), tls_cert=str(cert[0]),
+                              tls_key=str(cert[1]))
+    with ServerThread(cfg) as running:
+        port = running.server.http_port
+        context = ssl.create_default_context(cafile=str(cert[0]))
+        context.check_hostname = False  # the certificate names localhost; we dial 127.0.0.1
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/v2/health/ready")
+            plain.getresponse()
+        plain.close()
