@@ -442,9 +442,10 @@ class MemorySource(_Source):
         self.device = device
 
     def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                steps: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start`` to ``steps - 1`` of the epoch (a mid-epoch resume starts later)."""
         mine = self.shard(seed, epoch, rank, world).to(self.device)
-        for i in range(steps):
+        for i in range(start, steps):
             index = mine[i * batch_size:(i + 1) * batch_size]
             yield self.images[index], self.labels[index]
 
@@ -478,9 +479,10 @@ class StreamSource(_Source):
                    labels.to(self.device, non_blocking=True))
 
     def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                steps: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         mine = self.shard(seed, epoch, rank, world).tolist()
-        return self._load([mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
+        return self._load([mine[i * batch_size:(i + 1) * batch_size]
+                           for i in range(start, steps)])
 
     def eval_batches(self, batch_size: int, rank: int, world: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
