@@ -138,6 +138,7 @@ def train(model: str | None, dataset: str | None, resume: str | None, nproc: int
 
 
 def _run(config: Any, resume: str | None, epochs: int | None = None) -> None:
+    import os
     import sys
 
     import torch.distributed as dist
@@ -148,8 +149,9 @@ def _run(config: Any, resume: str | None, epochs: int | None = None) -> None:
 
     code = 0
     try:
-        echo_result(run_training(config, callbacks=echo_callbacks(), resume=resume,
-                                 epochs=epochs))
+        result = run_training(config, callbacks=echo_callbacks(), resume=resume, epochs=epochs)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
+            echo_result(result)
     except Preempted as exc:
         click.echo(f"preempted: {exc}", err=True)
         code = exc.exit_code

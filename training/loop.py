@@ -282,7 +282,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     if where.is_main:
         if board is not None:
             board.close()
-        if config.plot and history:
+        if config.plot and len(history) > 1:  # one point is no curve (and matplotlib costs 1 s)
             plot_curves(run_dir, [r.to_dict() for r in history])
     wait_for_all_ranks(where.world)
     return RunResult(run_dir=run_dir, best_path=best_path, last_path=last_path,
