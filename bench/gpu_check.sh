@@ -15,7 +15,7 @@ set -u
 dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 data=${1:-../shared/data}
-py=${PYTHON:-python3}
+if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
 results=${RESULTS:-bench/results}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -51,11 +51,11 @@ step 240 "CUDA tests (the rest of these files run their CPU paths)" \
 run="$tmp/resnet-mini"
 start=$(date +%s.%N)
 step 120 "cnnctl train --model resnet-mini --dataset mnist --device cuda (default recipe, 1 epoch)" \
-  cnnctl train --model resnet-mini --dataset mnist --data-dir "$data" --device cuda \
+  $py -m cnnctl train --model resnet-mini --dataset mnist --data-dir "$data" --device cuda \
     --no-progress --no-plot --out "$run"
 wall=$($py -c "print(round($(date +%s.%N) - $start, 2))")
 step 60 "test accuracy of the CUDA checkpoint, evaluated on the CPU" \
-  sh -c "cnnctl evaluate '$run/last.pt' --dataset mnist --data-dir '$data' --device cpu --json > '$tmp/eval.json'"
+  sh -c "$py -m cnnctl evaluate '$run/last.pt' --dataset mnist --data-dir '$data' --device cpu --json > '$tmp/eval.json'"
 if [ $dry = 0 ] && [ -s "$tmp/eval.json" ]; then
   $py - "$results/gpu.json" "$tmp/eval.json" "$run/metrics.csv" "$wall" <<'EOF'
 import csv, json, sys

@@ -179,7 +179,8 @@ class TrainConfig:
 
 
 _RECIPE_FIELDS = ("epochs", "min_steps", "batch_size", "lr", "optimizer", "schedule", "momentum",
-                  "weight_decay", "label_smoothing", "milestones", "gamma", "augment")
+                  "weight_decay", "label_smoothing", "milestones", "gamma", "augment",
+                  "val_fraction")
 
 
 def from_flags(model: str, **flags: Any) -> TrainConfig:
