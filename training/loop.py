@@ -248,6 +248,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
                     if where.is_main:
                         save_last(epoch - 1, history[-1].to_dict() if history else {}, at)
                 if stopping:
+                    wait_for_all_ranks(where.world)  # no rank leaves before last.pt is written
                     raise Preempted(last_path, epoch, done)
 
             train_loss, train_acc, images, train_s = _train_epoch(
@@ -277,6 +278,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
                 if callbacks.on_epoch_end:
                     callbacks.on_epoch_end(record, model)
             if epoch < config.epochs and stop.requested(True):
+                wait_for_all_ranks(where.world)
                 raise Preempted(last_path, epoch + 1, 0)
 
     if where.is_main:
