@@ -9,7 +9,9 @@
 #
 #   bash bench/gpu_check.sh [DATA_DIR]            # on a GPU; DATA_DIR holds MNIST/raw
 #   bash bench/gpu_check.sh --dry-run [DATA_DIR]  # anywhere: says what it would run on a GPU and
-#                                                 # runs the CPU-side parts (CI does this)
+#                                                 # runs the CPU-side parts (CI does this); the
+#                                                 # same happens without --dry-run where torch
+#                                                 # sees no CUDA device
 # Exits non-zero when a step fails.
 set -u
 dry=0
@@ -33,6 +35,10 @@ step() {  # step SECONDS DESCRIPTION COMMAND...: run it (or, in a dry run, say i
   timeout "$limit" "$@" || { echo "FAILED ($?): $what"; failed=1; }
 }
 
+if [ $dry = 0 ] && ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "no CUDA device here: a dry run (what it would run on a GPU, and its CPU-side parts)"
+  dry=1
+fi
 if [ $dry = 0 ]; then
   mkdir -p "$results/gpu"
   exec > >(tee "$results/gpu/log.txt") 2>&1

@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.99
+# The fastest recipe found that lands near 99.0% in one epoch (docs/training.md): not the default,
+# as not every seed reaches 99.0% with it.
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "128", "--val-fraction", "0.02"]
 
 
 def machine() -> dict:
@@ -100,7 +103,7 @@ def seed_loop(data_dir: str, max_epochs: int) -> dict:
             "reached": reached_at is not None}
 
 
-def cnnctl_default(data_dir: str, seeds: list[int]) -> dict:
+def cnnctl_default(data_dir: str, seeds: list[int], flags: list[str] | None = None) -> dict:
     """``cnnctl train --model resnet-mini --dataset mnist --seed S`` (its default recipe), each a
     whole process timed from start to exit, then ``cnnctl evaluate last.pt`` on the test split
     (another process, timed apart). The time to 99.0% is the training process's wall time when
@@ -113,7 +116,8 @@ def cnnctl_default(data_dir: str, seeds: list[int]) -> dict:
             start, cpu_start = time.perf_counter(), _children_cpu()
             done = subprocess.run([sys.executable, "-m", "cnnctl", "train", "--model",
                                    "resnet-mini", "--dataset", "mnist", "--data-dir", data_dir,
-                                   "--seed", str(seed), "--out", out, "--no-progress"],
+                                   "--seed", str(seed), "--out", out, "--no-progress",
+                                   *(flags or [])],
                                   capture_output=True, text=True)
             wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
             if done.returncode != 0:
@@ -137,7 +141,7 @@ def cnnctl_default(data_dir: str, seeds: list[int]) -> dict:
                                      "momentum", "nesterov", "weight_decay", "label_smoothing",
                                      "val_fraction")}
     reached = [r["process_wall_s"] for r in runs if r["test_acc"] >= TARGET]
-    return {"recipe": recipe, "runs": runs, "all_seeds_reached": len(reached) == len(runs),
+    return {"recipe": recipe, "flags": flags or [], "runs": runs, "all_seeds_reached": len(reached) == len(runs),
             "min_test_acc": min(r["test_acc"] for r in runs),
             "time_to_99_s": statistics.median(reached) if reached else None,
             "cpu_s_to_99": statistics.median(r["process_cpu_s"] for r in runs
@@ -236,6 +240,8 @@ def main() -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--seed-epochs", type=int, default=8, help="cap for the seed loop")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the default recipe")
+    parser.add_argument("--no-one-epoch", dest="one_epoch", action="store_false",
+                        help="skip the one-epoch recipe's row")
     parser.add_argument("--batch64-steps", type=int, default=200)
     parser.add_argument("--batch64-rounds", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=0, help="also run --nproc N (0: skip)")
@@ -254,7 +260,11 @@ def main() -> int:
         print("seed 002 loop (batch 64, SGD 0.01/0.5, per-item transforms):", flush=True)
         results["seed"] = seed_loop(args.data_dir, args.seed_epochs)
     print("cnnctl default recipe, whole processes:", flush=True)
-    results["cnnctl"] = cnnctl_default(args.data_dir, [int(v) for v in args.seeds.split(",")])
+    seeds = [int(v) for v in args.seeds.split(",")]
+    results["cnnctl"] = cnnctl_default(args.data_dir, seeds)
+    if args.one_epoch:
+        print(f"cnnctl, one epoch ({' '.join(ONE_EPOCH)}), whole processes:", flush=True)
+        results["cnnctl_one_epoch"] = cnnctl_default(args.data_dir, seeds, ONE_EPOCH)
     print("batch 64, same net, seed 002's optimizer, interleaved:", flush=True)
     results["cnnctl_batch64"] = batch64(args.data_dir, args.batch64_steps, args.batch64_rounds)
     if args.nproc:
@@ -263,6 +273,9 @@ def main() -> int:
     seed, ours = results["seed"], results["cnnctl"]
     results["speedup_time_to_99"] = (seed["time_to_99_s"] / ours["time_to_99_s"]
                                      if seed["time_to_99_s"] and ours["time_to_99_s"] else None)
+    if "cnnctl_one_epoch" in results and results["cnnctl_one_epoch"]["time_to_99_s"]:
+        results["speedup_time_to_99_one_epoch"] = (seed["time_to_99_s"]
+                                                   / results["cnnctl_one_epoch"]["time_to_99_s"])
     results["speedup_images_per_s_batch64"] = (results["cnnctl_batch64"]["cnnctl_median"]
                                                / results["cnnctl_batch64"]["seed_median"])
     results["speedup_cpu_time_to_99"] = (seed["cpu_s_to_99"] / ours["cpu_s_to_99"]
@@ -292,9 +305,17 @@ def markdown(r: dict) -> str:
         f"{t(seed.get('time_to_99_with_eval_s'))}) | {len(seed['epochs'])} | "
         f"{100 * max(e['test_acc'] for e in seed['epochs']):.2f}% | {seed['images_per_s']:.0f} |",
         f"| `cnnctl train --model resnet-mini --dataset mnist`, whole process, median of "
-        f"{len(ours['runs'])} seeds ({rec['epochs']} epoch, batch {rec['batch_size']}, SGD "
+        f"{len(ours['runs'])} seeds ({rec['epochs']} epochs, batch {rec['batch_size']}, SGD "
         f"nesterov lr {rec['lr']} onecycle) | {t(ours['time_to_99_s'])} | {rec['epochs']} | "
         f"{accs} | {ours['images_per_s']:.0f} |",
+    ]
+    if "cnnctl_one_epoch" in r:
+        one = r["cnnctl_one_epoch"]
+        one_accs = ", ".join(f"{100 * x['test_acc']:.2f}%" for x in one["runs"])
+        lines.append(
+            f"| same, one epoch (`{' '.join(one['flags'])}`), median of the seeds at ≥ 99.0% | "
+            f"{t(one['time_to_99_s'])} | 1 | {one_accs} | {one['images_per_s']:.0f} |")
+    lines += [
         f"| seed 002's loop at batch 64, median of {b64['rounds']} interleaved rounds of "
         f"{b64['steps']} steps | – | – | – | {b64['seed_median']:.0f} |",
         f"| cnnctl loop, seed 002's net and optimizer at batch 64, same rounds | – | – | – | "
@@ -311,6 +332,7 @@ def markdown(r: dict) -> str:
     lines.append(f"Time to 99%: {'%.1f×' % speed if speed else 'n/a'} sooner in wall time "
                  f"({'%.1f×' % cpu if cpu else 'n/a'} in CPU time: "
                  f"{seed.get('cpu_s_to_99')} s vs {ours.get('cpu_s_to_99')} s); "
+                 f"one epoch: {'%.1f×' % r['speedup_time_to_99_one_epoch'] if r.get('speedup_time_to_99_one_epoch') else 'n/a'}; "
                  f"images/s at batch 64: {r['speedup_images_per_s_batch64']:.2f}×; "
                  f"all {len(ours['runs'])} seeds ≥ 99.0%: "
                  f"{'yes' if ours['all_seeds_reached'] else 'no'}.")
