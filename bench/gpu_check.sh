@@ -56,7 +56,7 @@ step 240 "CUDA tests (the rest of these files run their CPU paths)" \
 
 run="$tmp/resnet-mini"
 start=$(date +%s.%N)
-step 120 "cnnctl train --model resnet-mini --dataset mnist --device cuda (default recipe, 1 epoch)" \
+step 120 "cnnctl train --model resnet-mini --dataset mnist --device cuda (the default recipe)" \
   $py -m cnnctl train --model resnet-mini --dataset mnist --data-dir "$data" --device cuda \
     --no-progress --no-plot --out "$run"
 wall=$($py -c "print(round($(date +%s.%N) - $start, 2))")
