@@ -1,10 +1,14 @@
 """Seed 002's training loop against cnnctl's default resnet-mini recipe, in one run, on full MNIST.
 
-Measures (issue 2, Must show 3; issue 3 adds the --nproc 2 row):
-  * time to 99.0% test accuracy, evaluating the test set at the end of every epoch for both loops
-    (wall time from before the data is loaded to the end of the first evaluation at ≥ 99.0%);
-  * training images/s of the same net at batch 64 (seed loop vs cnnctl's loop with seed 002's
-    optimizer), and of cnnctl's default recipe;
+Measures (issues 2, 3 and 23), side by side in one run:
+  * time to 99.0% test accuracy. Seed 002's loop (002_3b448b9890e3532f.txt) runs epoch after epoch,
+    testing after each, until it first reaches 99.0%; its time is its training time (its test
+    passes excluded, the lower figure; the one with them is kept too). cnnctl is the whole
+    `cnnctl train --model resnet-mini --dataset mnist` process, start to exit (imports, data,
+    training, validation, checkpoint), for five seeds, each then tested with `cnnctl evaluate`
+    (timed apart); the median process time of the seeds that reached 99.0% is compared;
+  * training images/s of seed 002's net and optimizer at batch 64 (SGD lr 0.01 momentum 0.5):
+    the seed's loop vs cnnctl's loop, interleaved rounds;
   * optionally (--nproc 2) the default recipe under torchrun with 2 gloo processes.
 
 Run timed benchmarks alone:  flock /tmp/cnnctl-bench.lock .venv/bin/python bench/train_speed.py
@@ -14,6 +18,7 @@ Writes bench/results/train_speed.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -29,6 +34,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.99
+# The fastest recipe found that lands near 99.0% in one epoch (docs/training.md): not the default,
+# as not every seed reaches 99.0% with it.
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "128", "--val-fraction", "0.02"]
 
 
 def machine() -> dict:
@@ -87,49 +95,65 @@ def seed_loop(data_dir: str, max_epochs: int) -> dict:
         if acc >= TARGET:
             reached_at = elapsed
             break
-    return {"epochs": epochs, "time_to_99_s": reached_at, "images_per_s": trained / train_s,
+    # The issue's comparison counts the seed's training time only (its test passes excluded):
+    # the lower, harder to beat of the two.
+    return {"epochs": epochs, "time_to_99_s": train_s if reached_at else None,
+            "time_to_99_with_eval_s": reached_at, "images_per_s": trained / train_s,
             "cpu_s_to_99": epochs[-1]["cpu_s"] if reached_at else None,
             "reached": reached_at is not None}
 
 
-def cnnctl_default(data_dir: str) -> dict:
-    """``cnnctl train --model resnet-mini --dataset mnist`` (its default recipe), plus a test-set
-    evaluation after every epoch for the measurement only (model selection uses the val slice)."""
-    from cnnctl.training.config import from_flags
-    from cnnctl.training.data import load_split
-    from cnnctl.training.evaluate import evaluate
-    from cnnctl.training.loop import Callbacks, train
+def cnnctl_default(data_dir: str, seeds: list[int], flags: list[str] | None = None) -> dict:
+    """``cnnctl train --model resnet-mini --dataset mnist --seed S`` (its default recipe), each a
+    whole process timed from start to exit, then ``cnnctl evaluate last.pt`` on the test split
+    (another process, timed apart). The time to 99.0% is the training process's wall time when
+    that run's test accuracy is ≥ 99.0%; the median over the seeds is the headline."""
+    import statistics
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    test = load_split("mnist", "test", data_dir=data_dir)
-    epochs: list[dict] = []
-    reached: list[float] = []
-    cpu_reached: list[float] = []
-
-    def on_epoch_end(record, model) -> None:
-        result = evaluate(model, test, [0.1307], [0.3081], "cpu", 2000, channels_last=True)
-        elapsed = time.perf_counter() - start
-        epochs.append({"epoch": record.epoch, "test_acc": result["accuracy"],
-                       "val_acc": record.val_acc, "elapsed_s": round(elapsed, 2),
-                       "cpu_s": round(time.process_time() - cpu_start, 2),
-                       "images_per_s": round(record.images_per_s),
-                       "loadavg_1min": os.getloadavg()[0]})
-        print(f"  cnnctl epoch {record.epoch}: test {100 * result['accuracy']:.2f}% "
-              f"at {elapsed:.1f}s ({record.images_per_s:.0f} img/s)", flush=True)
-        if result["accuracy"] >= TARGET and not reached:
-            reached.append(elapsed)
-            cpu_reached.append(time.process_time() - cpu_start)
-
-    with tempfile.TemporaryDirectory() as out:
-        config = from_flags("resnet-mini", dataset="mnist", data_dir=data_dir, out=out,
-                            progress=False, plot=False)
-        train(config, Callbacks(on_epoch_end=on_epoch_end))
-    recipe = {k: getattr(config, k) for k in ("epochs", "batch_size", "lr", "optimizer", "schedule",
-                                              "momentum", "nesterov", "weight_decay")}
-    return {"recipe": recipe, "epochs": epochs, "time_to_99_s": reached[0] if reached else None,
-            "cpu_s_to_99": round(cpu_reached[0], 2) if cpu_reached else None,
+    runs = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as out:
+            start, cpu_start = time.perf_counter(), _children_cpu()
+            done = subprocess.run([sys.executable, "-m", "cnnctl", "train", "--model",
+                                   "resnet-mini", "--dataset", "mnist", "--data-dir", data_dir,
+                                   "--seed", str(seed), "--out", out, "--no-progress",
+                                   *(flags or [])],
+                                  capture_output=True, text=True)
+            wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
+            if done.returncode != 0:
+                raise RuntimeError(f"cnnctl train failed:\n{done.stderr[-2000:]}")
+            start = time.perf_counter()
+            evaluated = subprocess.run([sys.executable, "-m", "cnnctl", "evaluate",
+                                        str(Path(out) / "last.pt"), "--dataset", "mnist",
+                                        "--data-dir", data_dir, "--json"],
+                                       capture_output=True, text=True, check=True)
+            eval_wall = time.perf_counter() - start
+            acc = json.loads(evaluated.stdout)["accuracy"]
+            config = json.loads((Path(out) / "config.json").read_text())
+            epochs = [dict(r) for r in csv.DictReader(open(Path(out) / "metrics.csv"))]
+        runs.append({"seed": seed, "test_acc": acc, "process_wall_s": round(wall, 2),
+                     "process_cpu_s": round(cpu, 2), "evaluate_wall_s": round(eval_wall, 2),
+                     "epochs": len(epochs), "images_per_s": float(epochs[-1]["images_per_s"]),
+                     "loadavg_1min": os.getloadavg()[0]})
+        print(f"  cnnctl seed {seed}: test {100 * acc:.2f}% after {len(epochs)} epoch(s), "
+              f"process {wall:.1f} s ({cpu:.1f} s CPU), evaluate {eval_wall:.1f} s", flush=True)
+    recipe = {k: config[k] for k in ("epochs", "batch_size", "lr", "optimizer", "schedule",
+                                     "momentum", "nesterov", "weight_decay", "label_smoothing",
+                                     "val_fraction")}
+    reached = [r["process_wall_s"] for r in runs if r["test_acc"] >= TARGET]
+    return {"recipe": recipe, "flags": flags or [], "runs": runs, "all_seeds_reached": len(reached) == len(runs),
+            "min_test_acc": min(r["test_acc"] for r in runs),
+            "time_to_99_s": statistics.median(reached) if reached else None,
+            "cpu_s_to_99": statistics.median(r["process_cpu_s"] for r in runs
+                                             if r["test_acc"] >= TARGET) if reached else None,
             "reached": bool(reached),
-            "images_per_s": sum(e["images_per_s"] for e in epochs) / len(epochs)}
+            "images_per_s": statistics.median(r["images_per_s"] for r in runs)}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the timed cnnctl processes)."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
 
 
 def seed_steps(data_dir: str, steps: int) -> float:
@@ -215,6 +239,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--seed-epochs", type=int, default=8, help="cap for the seed loop")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the default recipe")
+    parser.add_argument("--no-one-epoch", dest="one_epoch", action="store_false",
+                        help="skip the one-epoch recipe's row")
     parser.add_argument("--batch64-steps", type=int, default=200)
     parser.add_argument("--batch64-rounds", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=0, help="also run --nproc N (0: skip)")
@@ -232,18 +259,23 @@ def main() -> int:
     else:
         print("seed 002 loop (batch 64, SGD 0.01/0.5, per-item transforms):", flush=True)
         results["seed"] = seed_loop(args.data_dir, args.seed_epochs)
-    print("cnnctl default recipe:", flush=True)
-    results["cnnctl"] = cnnctl_default(args.data_dir)
+    print("cnnctl default recipe, whole processes:", flush=True)
+    seeds = [int(v) for v in args.seeds.split(",")]
+    results["cnnctl"] = cnnctl_default(args.data_dir, seeds)
+    if args.one_epoch:
+        print(f"cnnctl, one epoch ({' '.join(ONE_EPOCH)}), whole processes:", flush=True)
+        results["cnnctl_one_epoch"] = cnnctl_default(args.data_dir, seeds, ONE_EPOCH)
     print("batch 64, same net, seed 002's optimizer, interleaved:", flush=True)
     results["cnnctl_batch64"] = batch64(args.data_dir, args.batch64_steps, args.batch64_rounds)
     if args.nproc:
         print(f"cnnctl default recipe, --nproc {args.nproc}:", flush=True)
         results["cnnctl_ddp"] = cnnctl_ddp(args.data_dir, args.nproc)
-    elif "cnnctl_ddp" in previous:
-        results["cnnctl_ddp"] = previous["cnnctl_ddp"]
     seed, ours = results["seed"], results["cnnctl"]
     results["speedup_time_to_99"] = (seed["time_to_99_s"] / ours["time_to_99_s"]
                                      if seed["time_to_99_s"] and ours["time_to_99_s"] else None)
+    if "cnnctl_one_epoch" in results and results["cnnctl_one_epoch"]["time_to_99_s"]:
+        results["speedup_time_to_99_one_epoch"] = (seed["time_to_99_s"]
+                                                   / results["cnnctl_one_epoch"]["time_to_99_s"])
     results["speedup_images_per_s_batch64"] = (results["cnnctl_batch64"]["cnnctl_median"]
                                                / results["cnnctl_batch64"]["seed_median"])
     results["speedup_cpu_time_to_99"] = (seed["cpu_s_to_99"] / ours["cpu_s_to_99"]
@@ -263,19 +295,30 @@ def markdown(r: dict) -> str:
         return f"{v:.1f} s" if v else "not reached"
 
     seed, ours, b64 = r["seed"], r["cnnctl"], r["cnnctl_batch64"]
+    rec = ours["recipe"]
+    accs = ", ".join(f"{100 * x['test_acc']:.2f}%" for x in ours["runs"])
     lines = [
-        "| loop | time to 99.0% test | epochs run | best test acc | train img/s |",
+        "| loop | time to 99.0% test | epochs | test acc | train img/s |",
         "|---|---|---|---|---|",
-        f"| seed 002 (batch 64, SGD 0.01/0.5, DataLoader + per-item ToTensor/Normalize) | "
-        f"{t(seed['time_to_99_s'])} | {len(seed['epochs'])} | "
+        f"| seed 002 (batch 64, SGD 0.01/0.5, DataLoader + per-item ToTensor/Normalize), "
+        f"training time only | {t(seed['time_to_99_s'])} (with its test passes: "
+        f"{t(seed.get('time_to_99_with_eval_s'))}) | {len(seed['epochs'])} | "
         f"{100 * max(e['test_acc'] for e in seed['epochs']):.2f}% | {seed['images_per_s']:.0f} |",
-        f"| cnnctl default recipe ({ours['recipe']['epochs']} epochs, batch "
-        f"{ours['recipe']['batch_size']}, SGD nesterov lr {ours['recipe']['lr']} onecycle) | "
-        f"{t(ours['time_to_99_s'])} | {len(ours['epochs'])} | "
-        f"{100 * max(e['test_acc'] for e in ours['epochs']):.2f}% | {ours['images_per_s']:.0f} |",
+        f"| `cnnctl train --model resnet-mini --dataset mnist`, whole process, median of "
+        f"{len(ours['runs'])} seeds ({rec['epochs']} epochs, batch {rec['batch_size']}, SGD "
+        f"nesterov lr {rec['lr']} onecycle) | {t(ours['time_to_99_s'])} | {rec['epochs']} | "
+        f"{accs} | {ours['images_per_s']:.0f} |",
+    ]
+    if "cnnctl_one_epoch" in r:
+        one = r["cnnctl_one_epoch"]
+        one_accs = ", ".join(f"{100 * x['test_acc']:.2f}%" for x in one["runs"])
+        lines.append(
+            f"| same, one epoch (`{' '.join(one['flags'])}`), median of the seeds at ≥ 99.0% | "
+            f"{t(one['time_to_99_s'])} | 1 | {one_accs} | {one['images_per_s']:.0f} |")
+    lines += [
         f"| seed 002's loop at batch 64, median of {b64['rounds']} interleaved rounds of "
         f"{b64['steps']} steps | – | – | – | {b64['seed_median']:.0f} |",
-        f"| cnnctl loop, seed 002's optimizer at batch 64, same rounds | – | – | – | "
+        f"| cnnctl loop, seed 002's net and optimizer at batch 64, same rounds | – | – | – | "
         f"{b64['cnnctl_median']:.0f} |",
     ]
     if "cnnctl_ddp" in r and "error" not in r["cnnctl_ddp"]:
@@ -284,12 +327,15 @@ def markdown(r: dict) -> str:
                      f"process start) | {t(d['time_to_99_s'])} | {len(d['epochs'])} | "
                      f"{100 * d['final_test_acc']:.2f}% (last) | {d['images_per_s']:.0f} |")
     speed = r["speedup_time_to_99"]
-    lines.append("")
     cpu = r.get("speedup_cpu_time_to_99")
+    lines.append("")
     lines.append(f"Time to 99%: {'%.1f×' % speed if speed else 'n/a'} sooner in wall time "
-                 f"({'%.1f×' % cpu if cpu else 'n/a'} in process CPU time: "
+                 f"({'%.1f×' % cpu if cpu else 'n/a'} in CPU time: "
                  f"{seed.get('cpu_s_to_99')} s vs {ours.get('cpu_s_to_99')} s); "
-                 f"images/s at batch 64: {r['speedup_images_per_s_batch64']:.2f}×.")
+                 f"one epoch: {'%.1f×' % r['speedup_time_to_99_one_epoch'] if r.get('speedup_time_to_99_one_epoch') else 'n/a'}; "
+                 f"images/s at batch 64: {r['speedup_images_per_s_batch64']:.2f}×; "
+                 f"all {len(ours['runs'])} seeds ≥ 99.0%: "
+                 f"{'yes' if ours['all_seeds_reached'] else 'no'}.")
     return "\n".join(lines)
 
 

@@ -79,7 +79,9 @@ class _Ints(click.ParamType):
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Run directory (default runs/<model>-<timestamp>).")
+              help="Run directory (default runs/<model>-<timestamp>). One holding last.pt of the "
+                   "same configuration is continued from it (a restarted job just reruns its "
+                   "command); another configuration there is an error.")
 @click.option("--state-dict", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start from a seed's bare state_dict file (keys as the seed saved them).")
 @click.option("--import-only", is_flag=True,
@@ -89,7 +91,12 @@ class _Ints(click.ParamType):
 @click.option("--freeze-features", is_flag=True, default=None,
               help="vgg16: train only the classifier.")
 @click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Continue RUN_DIR from its last.pt with the configuration saved there.")
+              help="Continue RUN_DIR from its last.pt with the configuration saved there; with "
+                   "--epochs N, train a finished run to N epochs in all.")
+@click.option("--checkpoint-every-steps", "checkpoint_every_steps",
+              type=_range("checkpoint_every_steps"), default=None, metavar="N",
+              help="Also write last.pt every N steps inside epochs (SIGTERM writes one at the "
+                   "next step anyway).")
 @click.option("--nproc", type=_range("nproc"), default=None,
               help="Data-parallel processes on this machine (torchrun + DDP; gloo on CPU).")
 @click.option("--tensorboard", is_flag=True, default=None,
@@ -114,7 +121,8 @@ def train(model: str | None, dataset: str | None, resume: str | None, nproc: int
 
     flags["compile"] = compile_
     if resume is not None:
-        return _resume(resume, nproc, flags)
+        return _resume(resume, nproc, {**flags, "model": model, "dataset": dataset,
+                                       "import_only": import_only or None})
     model = model or "resnet-mini"
     if dataset is None:
         from cnnctl.training.models import get_spec
@@ -129,39 +137,65 @@ def train(model: str | None, dataset: str | None, resume: str | None, nproc: int
     _run(config, None)
 
 
-def _run(config: Any, resume: str | None) -> None:
-    from cnnctl.training.echo import echo_callbacks, echo_result
-    from cnnctl.training.loop import train as run_training
+def _run(config: Any, resume: str | None, epochs: int | None = None) -> None:
+    import os
+    import sys
 
-    echo_result(run_training(config, callbacks=echo_callbacks(), resume=resume))
     import torch.distributed as dist
 
+    from cnnctl.training.echo import echo_callbacks, echo_result
+    from cnnctl.training.loop import Preempted
+    from cnnctl.training.loop import train as run_training
+
+    code = 0
+    try:
+        result = run_training(config, callbacks=echo_callbacks(), resume=resume, epochs=epochs)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all
+            echo_result(result)
+    except Preempted as exc:
+        click.echo(f"preempted: {exc}", err=True)
+        code = exc.exit_code
     if dist.is_available() and dist.is_initialized():  # a worker of the user's own torchrun
         from cnnctl.training.distributed import leave_worker
 
-        leave_worker(0)
+        leave_worker(code)
+    if code:
+        sys.exit(code)
 
 
 def _resume(run_dir: str, nproc: int | None, flags: dict[str, Any]) -> None:
     from cnnctl.training.config import TrainConfig
 
+    # Only how the run executes may change; --epochs trains a finished run longer.
+    fixed = sorted(k for k, v in flags.items()
+                   if v is not None and k not in RESUMABLE and k != "epochs")
+    if fixed:
+        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise UsageError(f"--resume continues a run with its saved configuration; {names} cannot "
+                         f"change (allowed with --resume: --epochs, "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
     config = TrainConfig(**{k: flags[k] for k in RESUMABLE if flags.get(k) is not None})
+    epochs = flags.get("epochs")
     if nproc and nproc > 1:
         # The saved run's settings (its batch size must divide among the processes), not the
         # defaults that stand in for them here.
         from cnnctl.training.checkpoint import load_checkpoint
 
         saved = TrainConfig.from_dict(load_checkpoint(Path(run_dir) / "last.pt")["config"])
-        return _launch(saved.resumed_with(config, out=run_dir).replace(nproc=nproc), run_dir)
-    _run(config, run_dir)
+        return _launch(saved.resumed_with(config, out=run_dir).replace(nproc=nproc), run_dir,
+                       epochs)
+    _run(config, run_dir, epochs)
 
 
-def _launch(config: Any, resume: str | None) -> None:
+def _launch(config: Any, resume: str | None, epochs: int | None = None) -> None:
+    import sys
+
     from cnnctl.training.distributed import launch
 
-    rc = launch(config, resume)
+    rc = launch(config, resume, epochs)
     if rc != 0:
-        raise click.ClickException(f"torchrun exited with status {rc}")
+        click.echo(f"error: torchrun exited with status {rc}", err=True)
+        sys.exit(rc if 0 < rc < 256 else 1)
 
 
 def _import_only(config: Any) -> None:

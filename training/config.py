@@ -94,6 +94,7 @@ RANGES: dict[str, Range] = {
     "batch_size": Range(1, integer=True),
     "eval_batch_size": Range(1, integer=True),
     "max_steps_per_epoch": Range(1, integer=True),
+    "checkpoint_every_steps": Range(1, integer=True),
     "nproc": Range(1, integer=True),
     "workers": Range(0, integer=True),
     "lr": Range(0, min_open=True),
@@ -105,7 +106,7 @@ RANGES: dict[str, Range] = {
 }
 
 # What a resumed run may change: how it runs, never what it computes.
-RESUMABLE = ("device", "progress", "tensorboard", "plot", "workers")
+RESUMABLE = ("device", "progress", "tensorboard", "plot", "workers", "checkpoint_every_steps")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch_size: int | None = None  # None: 1024 at 28×28, fewer for larger inputs
     max_steps_per_epoch: int | None = None  # cap for smoke tests and quick checks
+    checkpoint_every_steps: int | None = None  # also write last.pt mid-epoch every N steps
     stream: str = "auto"  # folder datasets: decode into memory, or stream through workers
     workers: int = 2  # DataLoader worker processes when streaming
     tensorboard: bool = False
@@ -177,7 +179,8 @@ class TrainConfig:
 
 
 _RECIPE_FIELDS = ("epochs", "min_steps", "batch_size", "lr", "optimizer", "schedule", "momentum",
-                  "weight_decay", "label_smoothing", "milestones", "gamma", "augment")
+                  "weight_decay", "label_smoothing", "milestones", "gamma", "augment",
+                  "val_fraction")
 
 
 def from_flags(model: str, **flags: Any) -> TrainConfig:

@@ -10,6 +10,7 @@ compares against). Folders too large for memory stream through DataLoader worker
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -84,7 +85,44 @@ def _load_sample(split: str) -> ImageData:
 # --- torchvision datasets --------------------------------------------------------------------
 
 
+def _read_idx(path: Path) -> np.ndarray:
+    """One idx file (MNIST's format: big-endian magic, dims, then the bytes), gzipped or not."""
+    raw = path.read_bytes() if path.exists() else gzip.decompress(
+        path.with_suffix(path.suffix + ".gz").read_bytes())
+    kind, ndim = raw[2], raw[3]
+    if raw[:2] != b"\0\0" or kind != 0x08:  # 0x08: unsigned bytes, all MNIST-style files use it
+        raise DataError(f"{path}: not an idx file of unsigned bytes")
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: {data.size} bytes of data for dimensions {dims.tolist()}")
+    return data.reshape(dims.tolist())
+
+
+def _idx_split(name: str, split: str, root: Path) -> ImageData | None:
+    """MNIST and Fashion-MNIST straight from their idx files in torchvision's layout, without
+    importing torchvision (which costs more than reading the 55 MB); None if a file is missing."""
+    folder = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    paths = [folder / f"{prefix}-{kind}-idx{n}-ubyte" for kind, n in (("images", 3), ("labels", 1))]
+    if not all(p.exists() or p.with_suffix(p.suffix + ".gz").exists() for p in paths):
+        return None
+    images = torch.from_numpy(_read_idx(paths[0]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(paths[1]).astype(np.int64))
+    if name == "mnist":
+        return ImageData(images, labels, [str(i) for i in range(10)], *_MNIST_NORM, name)
+    return ImageData(images, labels, list(_FASHION_CLASSES), *_FASHION_NORM, name)
+
+
+_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                    "Sneaker", "Bag", "Ankle boot")  # torchvision's FashionMNIST.classes
+
+
 def _torchvision(name: str, split: str, data_dir: Path, download: bool) -> ImageData:
+    if name in ("mnist", "fashion-mnist"):
+        found = _idx_split(name, split, data_dir)
+        if found is not None:
+            return found
     from torchvision import datasets
 
     cls, folder, files, norm = {
@@ -442,9 +480,10 @@ class MemorySource(_Source):
         self.device = device
 
     def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                steps: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start`` to ``steps - 1`` of the epoch (a mid-epoch resume starts later)."""
         mine = self.shard(seed, epoch, rank, world).to(self.device)
-        for i in range(steps):
+        for i in range(start, steps):
             index = mine[i * batch_size:(i + 1) * batch_size]
             yield self.images[index], self.labels[index]
 
@@ -478,9 +517,10 @@ class StreamSource(_Source):
                    labels.to(self.device, non_blocking=True))
 
     def batches(self, seed: int, epoch: int, batch_size: int, rank: int, world: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                steps: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         mine = self.shard(seed, epoch, rank, world).tolist()
-        return self._load([mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
+        return self._load([mine[i * batch_size:(i + 1) * batch_size]
+                           for i in range(start, steps)])
 
     def eval_batches(self, batch_size: int, rank: int, world: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

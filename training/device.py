@@ -12,6 +12,7 @@ import logging
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,10 +51,25 @@ def place(config: TrainConfig) -> Placement:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            _join_process_group(dist, "nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
     return Placement(device, description, rank, world)
+
+
+def _join_process_group(dist: Any, backend: str) -> None:
+    """``init_process_group`` from torchrun's environment, with the store's keys kept apart per
+    restart: after ``--max-restarts`` brought a worker group back, the restarted ranks otherwise
+    read the previous group's addresses from torchrun's store (connection refused, or a hang),
+    and the restart never trains."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend)
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"cnnctl/restart-{restart}",
+                                                                    store),
+                            rank=rank, world_size=world)
 
 
 def select_device(requested: str = "auto", local_rank: int = 0) -> tuple[torch.device, str]:

@@ -24,8 +24,11 @@ def echo_callbacks() -> Callbacks:
             f"images, {info['classes']} classes; {cfg.epochs} epochs × {info['steps_per_epoch']} "
             f"steps of {cfg.batch_size}; {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}; "
             f"amp {info['amp']}, channels_last {'on' if info['channels_last'] else 'off'}")
-        if info["start_epoch"] > 1:
-            click.echo(f"resuming at epoch {info['start_epoch']}")
+        if info["start_epoch"] > cfg.epochs:
+            click.echo(f"{info['run_dir']} has finished its {cfg.epochs} epochs: nothing to train")
+        elif info["start_epoch"] > 1 or info["start_step"]:
+            step = f", step {info['start_step']}" if info["start_step"] else ""
+            click.echo(f"resuming at epoch {info['start_epoch']}{step}")
         click.echo(f"run dir: {info['run_dir']}")
 
     def on_epoch_end(r: EpochRecord, model: Any) -> None:

@@ -114,8 +114,8 @@ def test_resume_with_nproc_launches_the_saved_run(tmp_path: Path,
     train(from_flags("convnet", epochs=1, max_steps_per_epoch=1, batch_size=96, progress=False,
                      plot=False, out=str(run)))
     launched = []
-    monkeypatch.setattr(commands, "_launch", lambda config, resume: launched.append((config,
-                                                                                     resume)))
+    monkeypatch.setattr(commands, "_launch",
+                        lambda config, resume, epochs=None: launched.append((config, resume)))
     result = CliRunner().invoke(commands.train, ["--resume", str(run), "--nproc", "3"])
     assert result.exit_code == 0, result.output
     [(config, resume)] = launched
