@@ -118,8 +118,21 @@ def balanced_target(urls: str | Sequence[str]) -> tuple[str, bool, str | None]:
             elif family == socket.AF_INET6 and f"[{address[0]}]:{port}" not in v6:
                 v6.append(f"[{address[0]}]:{port}")
     # gRPC's static resolvers take one address family per target; IPv4 where there is any.
+    if v4 and v6 and (only_v6 := [t for t, _ in parsed if not _resolves_v4(t)]):
+        raise UsageError(f"server addresses {', '.join(only_v6)} resolve to IPv6 only and the "
+                         f"others to IPv4; one channel balances over one address family: list "
+                         f"IPv4 or IPv6 servers only")
     target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
     return target, tls, parsed[0][0]
+
+
+def _resolves_v4(target: str) -> bool:
+    host, _, port = target.rpartition(":")
+    try:
+        return bool(socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_INET,
+                                       socket.SOCK_STREAM))
+    except socket.gaierror:
+        return False
 
 
 def _pem(value: bytes | str | Path | None, what: str) -> bytes | None:

@@ -162,8 +162,10 @@ def serve(artifact_dirs: tuple[str, ...], repository: str | None, model_control_
     """Serve exported artifacts over the KServe v2 protocol, gRPC and REST (Triton-compatible)."""
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both or neither")
-    if not artifact_dirs and not repository and model_control_mode == "none":
-        raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR")
+    if not artifact_dirs and not repository:
+        raise UsageError("nothing to serve: give ARTIFACT_DIR arguments or --repository DIR"
+                         + (" (the models that explicit model control may load)"
+                            if model_control_mode == "explicit" else ""))
     config = ServerConfig(
         artifact_dirs=tuple(artifact_dirs), repository=repository,
         model_control_mode=model_control_mode, repository_poll_secs=repository_poll_secs,

@@ -293,6 +293,7 @@ class ModelRepository:
         self._latest: dict[str, LoadedModel] = {}
         self._states: dict[tuple[str, str], VersionState] = {}
         self._wanted: set[str] = set()  # models the server was told to serve: ServerReady
+        self.closing = False  # set as shutdown begins: model control refuses from then on
         self._sources = _Sources(repository=Path(config.repository) if config.repository else None)
         self._seen: dict[tuple[str, str], Fingerprint] = {}  # the last poll's fingerprints
         self._pixel_limits = PixelLimits(config.limits.max_image_pixels,
@@ -478,9 +479,11 @@ class ModelRepository:
             if model.error:
                 self._fail(name, "", model.error, ())
                 raise ArtifactError(model.error)
+            if (state := self._states.get((name, ""))) is not None and state.failed == ():
+                del self._states[name, ""]  # its config.pbtxt was bad, and is fixed
             wanted = model.wanted()
-        self._wanted.add(name)
         failures = await self._apply(name, wanted, retry_failed=True)
+        self._track(name)
         if failures:
             raise ArtifactError(f"model '{name}': {'; '.join(failures)}")
 
@@ -495,6 +498,14 @@ class ModelRepository:
         async with self._lock:
             await self._retire(name, list(self._models.get(name, {}).values()), remove=True)
 
+    def _track(self, name: str) -> None:
+        """Count a model loaded after start-up in ServerReady once a version of it serves: a
+        new model that fails its load is not ready itself (ModelReady, the index say why) but
+        does not take the whole server, and every replica reading the same repository, out of
+        service."""
+        if self._models.get(name):
+            self._wanted.add(name)
+
     def _check_explicit(self, what: str) -> None:
         if self.mode != "explicit":
             raise NotEnabledError(
@@ -502,7 +513,7 @@ class ModelRepository:
                 f"with --model-control-mode {self.mode}"
                 + (" (it applies the repository's changes by itself)" if self.mode == "poll"
                    else ""))
-        if self._closed:
+        if self._closed or self.closing:
             raise UnavailableError("the server is shutting down; no model changes")
 
     async def _scan_one(self, name: str) -> ModelDir:
@@ -565,8 +576,8 @@ class ModelRepository:
             wanted = model.wanted()
             if any(seen.get((v.name, v.version)) != v.fingerprint for v in wanted):
                 continue  # still being written: next round
-            self._wanted.add(name)
             await self._apply(name, wanted, retry_failed=False)
+            self._track(name)
         for name in [n for n in self._wanted if n not in scanned and n not in self._sources.fixed]:
             log.info("model %s is gone from the repository: unloading it", name)
             self._wanted.discard(name)

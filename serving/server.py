@@ -47,6 +47,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # included (Kubernetes' liveness probe must not kill a pod that is draining). Every other name
 # ("", the service, each model) means ready to take requests.
 LIVE = "live"
+RESERVED_HEALTH_NAMES = frozenset({"", LIVE, SERVICE_NAME})
 # At shutdown, once every request taken in is answered: how long gRPC may still take to send the
 # last answers before it cancels the calls it holds (s).
 FLUSH_S = 5.0
@@ -95,12 +96,17 @@ class InferenceServer:
         serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                                 health_pb2.HealthCheckResponse.NOT_SERVING)
         overall = serving if self.repository.ready() else not_serving
-        await self.health.set("", overall)
-        await self.health.set(SERVICE_NAME, overall)
-        ready = {m.name for m in self.repository if m.ready}
-        for name in sorted(ready | self._health_names):
-            await self.health.set(name, serving if name in ready else not_serving)
+        # The model names besides the server-wide ones ("", the service, "live").
+        ready = {m.name for m in self.repository if m.ready} - RESERVED_HEALTH_NAMES
         self._health_names |= ready
+        updates = [("", overall), (SERVICE_NAME, overall),
+                   *((name, serving if name in ready else not_serving)
+                     for name in sorted(self._health_names))]
+        for name, status in updates:
+            # Each set may wait on a health watcher: a shutdown that began meanwhile wins.
+            if self.servicer.draining:
+                return
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None, linger: float | None = None) -> None:
         """Stop accepting, answer everything in flight and queued, release the models."""
@@ -111,7 +117,11 @@ class InferenceServer:
         linger = self.config.drain_delay_s if linger is None else linger
         end = loop.time() + grace
         self.servicer.draining = True
-        for name in ("", SERVICE_NAME, *self._health_names, *self.repository.names()):
+        self.repository.closing = True
+        if self._health_task is not None and not self._health_task.done():
+            await asyncio.shield(self._health_task)  # it stops at its next set: draining
+        names = {"", SERVICE_NAME, *self._health_names, *self.repository.names()}
+        for name in sorted(names - {LIVE}):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(min(linger, grace))
         self.servicer.stop_accepting()
@@ -120,7 +130,7 @@ class InferenceServer:
             # Open streams end by themselves once their requests are answered (servicer.py).
             await asyncio.wait_for(self.servicer.wait_streams_closed(),
                                    max(0.0, end - loop.time()))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             log.warning("grace period over with %d requests unanswered", self.servicer.active)
         if self.http is not None:
             await self.http.stop()

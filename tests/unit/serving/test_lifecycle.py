@@ -153,6 +153,31 @@ def test_a_failed_load_leaves_the_served_version_alone(versions: dict[str, Path]
     run(main())
 
 
+def test_a_new_model_failing_its_load_leaves_the_server_ready(versions: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """A model loaded after start-up that fails its golden check is not ready itself, but the
+    server stays ready (health "" too): one bad upload must not take every replica out."""
+    repo = tmp_path / "repo"
+    bad = copy_version(versions["2"], repo, "2")
+    shutil.copyfile(versions["3"] / "model.onnx", bad / "model.onnx")
+    rewrite_listed(bad, "model.onnx")
+
+    async def main() -> None:
+        config = config_for(repository=str(repo), model_control_mode="explicit")
+        async with running(config) as (_, ch):
+            s = stub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await s.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lenet5"))
+            assert "golden check failed" in info.value.details()
+            assert not (await s.ModelReady(pb.ModelReadyRequest(name="lenet5"))).ready
+            assert (await s.ServerReady(pb.ServerReadyRequest())).ready
+            health = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    run(main())
+
+
 def test_poll_keeps_serving_when_a_new_version_fails(versions: dict[str, Path], tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     repo = tmp_path / "repo"
