@@ -100,3 +100,21 @@ def _restart_under_load(artifact: Path, servers: list[CliServer], ports: list[in
         assert time.monotonic() - restarted < 20, "the restarted server got no calls"
         time.sleep(0.2)
     return first
+
+
+def test_max_connection_age_closes_connections(artifact: Path) -> None:
+    """--max-connection-age-s: the server closes a client's connection after that long (the
+    channel goes IDLE), so its next call reconnects, possibly to a replica added since."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with CliServer(str(artifact), "--max-connection-age-s", "1", "--grace-s", "5") as server:
+        states: list[str] = []
+        with grpc.insecure_channel(server.address) as channel:
+            channel.subscribe(lambda state: states.append(state.name), try_to_connect=True)
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+            time.sleep(2.5)
+            assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    # Connected, closed by the server at its age, connected again for the second call.
+    assert states.count("READY") >= 2 and "IDLE" in states[states.index("READY"):], states
