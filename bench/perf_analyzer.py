@@ -8,7 +8,7 @@ package), and the wheels that carry it from 2.52 on are built for glibc 2.38. tr
 binary runs on older systems (Debian 12's glibc 2.36); it links libcudart.so.12 (from pip's
 nvidia-cuda-runtime-cu12, no GPU needed) and libb64.so.0d (Debian/Ubuntu: apt-get install
 libb64-0d). The order searched: $PERF_ANALYZER, PATH and this Python's bin/, then the cache
-(~/.cache/cnnctl/perf_analyzer-2.48.0), which --fetch (or find(fetch=True)) fills with pip.
+(~/.cache/cnnctl/perf_analyzer-2.48.0), which --fetch (or find(), by default) fills with pip.
 """
 
 from __future__ import annotations

@@ -225,32 +225,23 @@ def _strings(data: Any, what: str, b64: bool) -> list[bytes]:
     return out
 
 
-def _set_parameter(param: pb.InferParameter, value: Any, key: str) -> None:
+def _set_parameter(param: pb.InferParameter | pb.ModelRepositoryParameter, value: Any,
+                   key: str) -> None:
+    """A JSON parameter into the protocol's oneof (a repository parameter has no double)."""
+    numbers = "double_param" in param.DESCRIPTOR.fields_by_name
     if isinstance(value, bool):
         param.bool_param = value
     elif isinstance(value, int):
         if not _INT64[0] <= value <= _INT64[1]:
             raise UsageError(f"parameter '{key}' is {value}, out of the int64 range")
         param.int64_param = value
-    elif isinstance(value, float):
+    elif isinstance(value, float) and numbers:
         param.double_param = value
     elif isinstance(value, str):
         param.string_param = value
     else:
-        raise UsageError(f"parameter '{key}' must be a string, number or boolean, got "
-                         f"{_kind(value)}")
-
-
-def _set_repository_parameter(param: pb.ModelRepositoryParameter, value: Any, key: str) -> None:
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int) and _INT64[0] <= value <= _INT64[1]:
-        param.int64_param = value
-    elif isinstance(value, str):
-        param.string_param = value
-    else:
-        raise UsageError(f"parameter '{key}' must be a string, integer or boolean, got "
-                         f"{_clip(value)}")
+        allowed = "string, number or boolean" if numbers else "string, integer or boolean"
+        raise UsageError(f"parameter '{key}' must be a {allowed}, got {_kind(value)}")
 
 
 def _refuse_shm(params: dict[str, Any], what: str) -> None:
@@ -553,7 +544,7 @@ class HttpFrontend:
             model_name=request.match_info["name"])
         params = _object((await self._json_body(request)).get("parameters"), "'parameters'")
         for key, value in params.items():
-            _set_repository_parameter(message.parameters[key], value, key)
+            _set_parameter(message.parameters[key], value, key)
         await self._grpc("RepositoryModelLoad" if load else "RepositoryModelUnload", message)
         return web.Response()
 
