@@ -274,7 +274,11 @@ class ResNetMini(nn.Module):
     """002_3b448b9890e3532f.txt ``Net`` (names as in 002; 001 calls the blocks rblock1/rblock2 and
     the head ``linear``, which the checkpoint loader maps). 002 ends in ``log_softmax`` trained with
     ``nll_loss``: that is exactly cross-entropy on these logits, so the model returns logits. 002's
-    ``conv2_drop`` is declared but never called, so it is left out (it holds no parameters)."""
+    ``conv2_drop`` is declared but never called, so it is left out (it holds no parameters).
+
+    002 computes ``max_pool2d(relu(conv(x)), 2)``; ``forward`` pools first. Max-pooling and relu
+    commute exactly (relu is monotone), so outputs and gradients are the seed's bit for bit, and
+    relu and its backward touch a quarter of the values (tests/unit/training/test_models.py)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
@@ -285,9 +289,9 @@ class ResNetMini(nn.Module):
         self.fc1 = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = self.res_block_1(x)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = self.res_block_2(x)
         return self.fc1(torch.flatten(x, 1))
 
