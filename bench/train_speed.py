@@ -193,15 +193,28 @@ def cnnctl_steps(data_dir: str, steps: int) -> float:
         return train(config).history[0].images_per_s
 
 
+def _in_own_process(function: str, data_dir: str, steps: int) -> float:
+    """``function(data_dir, steps)`` of this file in a fresh Python process: each side runs as it
+    would on its own (cnnctl's training sets process-wide things such as malloc's thresholds,
+    which the seed's script would not have)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import train_speed as t; print(t.{function}({data_dir!r}, {steps}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{function} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def batch64(data_dir: str, steps: int, rounds: int) -> dict:
     """Interleaved rounds (seed, cnnctl, seed, cnnctl, …) so both see the same background load on
-    this shared machine; the median round of each side is compared."""
+    this shared machine; the median round of each side is compared. Each round of each side is a
+    process of its own."""
     import statistics
 
     seed, ours = [], []
     for _ in range(rounds):
-        seed.append(seed_steps(data_dir, steps))
-        ours.append(cnnctl_steps(data_dir, steps))
+        seed.append(_in_own_process("seed_steps", data_dir, steps))
+        ours.append(_in_own_process("cnnctl_steps", data_dir, steps))
         print(f"  batch 64: seed {seed[-1]:.0f} img/s, cnnctl {ours[-1]:.0f} img/s", flush=True)
     return {"steps": steps, "rounds": rounds, "seed_images_per_s": [round(v) for v in seed],
             "cnnctl_images_per_s": [round(v) for v in ours],
