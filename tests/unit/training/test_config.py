@@ -95,5 +95,5 @@ def test_unknown_model_lists_the_zoo() -> None:
 
 
 def test_min_steps_applies_only_without_explicit_epochs() -> None:
-    assert from_flags("resnet-mini").min_steps == 250
+    assert from_flags("resnet-mini").min_steps == 900
     assert from_flags("resnet-mini", epochs=2).min_steps == 0
