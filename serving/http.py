@@ -37,6 +37,7 @@ from cnnctl.errors import (
     MessageTooLargeError,
     NotEnabledError,
     OverloadedError,
+    RequestTimeoutError,
     UsageError,
 )
 from cnnctl.protos import grpc_service_pb2 as pb
@@ -57,6 +58,7 @@ BINARY = "binary_data"  # output parameter: this output as binary
 _SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SIZED = {name: dtype.itemsize for name, dtype in TENSOR_DTYPES.items()}
+LINGER_S = 2.0  # after a 408 or 413: see HttpFrontend.start
 _CACHE_MAX = 256  # parsed headers and written answer headers kept; beyond it, each is redone
 _CACHED_HEADER_MAX = 4096  # bytes: a longer JSON header is parsed each time, never kept
 
@@ -509,6 +511,7 @@ class HttpFrontend:
         self.registry = registry  # prometheus_client's, for /metrics
         self.max_bytes = config.max_message_bytes
         self.max_inflight = config.limits.max_concurrent_rpcs
+        self.read_timeout = config.limits.request_read_timeout_s
         self.inflight = 0
         self._parser = InferParser()
         self._renderer = InferRenderer()
@@ -579,8 +582,12 @@ class HttpFrontend:
         # connections, so a short timeout.
         # aiohttp's low-level server: its HTTP, our routing (route()); an Application's router
         # and middleware would cost every request more than the rest of its handling does.
+        # lingering_time: after answering a request whose body was not read in full (413,
+        # 408), read and drop what else comes for this long, so that the client gets the
+        # answer before the connection closes (not a reset), then close.
         server = web.Server(self._handle, request_factory=self._request,
-                            keepalive_timeout=idle if idle > 0 else 3600.0, access_log=None)
+                            keepalive_timeout=idle if idle > 0 else 3600.0, access_log=None,
+                            lingering_time=LINGER_S)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         await web.SockSite(self._runner, self.sock,
@@ -701,8 +708,8 @@ class HttpFrontend:
             data, header_length = self._renderer.render(answer, plan)
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the table
             response = error_response(exc)
-            if isinstance(exc, MessageTooLargeError):
-                response.force_close()  # not reading the rest of an oversized body
+            if isinstance(exc, (MessageTooLargeError, RequestTimeoutError)):
+                response.force_close()  # not reading the rest of the body
             return response
         finally:
             self.inflight -= 1
@@ -712,14 +719,21 @@ class HttpFrontend:
                             headers={HEADER_LENGTH: str(header_length)})
 
     async def _read(self, request: web.BaseRequest) -> bytes:
-        """The body, refused before it is read when it says it is over --max-message-mb."""
+        """The body, refused before it is read when it says it is over --max-message-mb, and
+        when it has not arrived in full --request-read-timeout-s after the headers."""
         length = request.content_length
         if length is not None and length > self.max_bytes:
             raise MessageTooLargeError(self._too_large(f" of {length} bytes"))
         try:  # chunked, or compressed: counted as it arrives, decompressed
-            return await request.read()
+            if request.content.is_eof():  # arrived with the headers: nothing to wait for
+                return await request.read()
+            return await asyncio.wait_for(request.read(), self.read_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise MessageTooLargeError(self._too_large("")) from None
+        except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            raise RequestTimeoutError(
+                f"the request body did not arrive in full within --request-read-timeout-s "
+                f"{self.read_timeout:g} s of its headers") from None
 
     def _too_large(self, size: str) -> str:
         return (f"request body{size} is over --max-message-mb {self.max_bytes >> 20} "

@@ -25,7 +25,13 @@ import pytest
 from PIL import Image
 
 from cnnctl.protos import grpc_service_pb2 as pb
-from cnnctl.serving.http import InferParser, InferRenderer, parse_infer, render_infer
+from cnnctl.serving.http import (
+    LINGER_S,
+    InferParser,
+    InferRenderer,
+    parse_infer,
+    render_infer,
+)
 from cnnctl.serving.server import ServerThread
 from tests.support.serving import config_for, infer_request, logits_of, stub
 
@@ -522,3 +528,30 @@ def test_renderer_remembers_binary_headers_only() -> None:
         for plan in (binary, as_json, binary):
             assert renderer.render(response, plan) == render_infer(response, plan)
     assert len(renderer._headers) == 2  # per shape, binary only
+
+
+def test_a_body_that_does_not_arrive_is_refused_408(artifacts: dict[str, Path]) -> None:
+    """A client that sends its headers and then part of its body (slowloris) is answered 408
+    after --request-read-timeout-s and its connection closed; others are served meanwhile."""
+    import socket
+    import time
+
+    with ServerThread(config_for(artifacts["lenet5"], request_read_timeout_s=1.0)) as running:
+        port = running.server.http_port
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        start = time.monotonic()
+        slow.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 5000\r\n\r\n{{\"inputs\": [".encode())
+        # meanwhile a good client is answered at once
+        status, _, answer = call(f"127.0.0.1:{port}", "POST", INFER, _json_input())
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+        answer = b""
+        while chunk := slow.recv(4096):  # the answer, then the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - start
+        slow.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert "did not arrive in full within --request-read-timeout-s 1 s" in \
+            json.loads(body)["error"]
+        assert 0.9 < waited < 1.0 + LINGER_S + 2.0  # answered, then closed after lingering
