@@ -262,6 +262,15 @@ def binary_body(path: Path) -> tuple[Path, int]:
     return path, len(header)
 
 
+def _code_of(python: str) -> dict[str, str]:
+    """Which checkout (and commit) a python's cnnctl comes from."""
+    where = subprocess.run([python, "-c", "import cnnctl, os; print(os.path.dirname(cnnctl."
+                            "__file__))"], capture_output=True, text=True, cwd="/").stdout.strip()
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(where).parent).stdout.strip() if where else ""
+    return {"python": python, "package": where, "code": code}
+
+
 def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     import statistics
 
@@ -290,6 +299,9 @@ def main() -> int:
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--pa-rounds", type=int, default=2,
                         help="perf_analyzer measurements per load and server, interleaved")
+    parser.add_argument("--baseline", default=None, metavar="PYTHON",
+                        help="also run `cnnctl serve` from this python (another checkout's "
+                             "venv: the code before a change) in every load, as cnnctl_baseline")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve_rest.json"))
     args = parser.parse_args()
     if args.command == "ceiling":
@@ -305,7 +317,7 @@ def main() -> int:
     lua = work / "post.lua"
     lua.write_text(WRK_LUA)
     procs: list[subprocess.Popen[Any]] = []
-    cnnctl = None
+    cnnctl = baseline = None
     try:
         cnnctl = CliServer(str(artifact), "--device", "cpu")
         ceiling_proc, ceiling_port = start_ceiling()
@@ -317,6 +329,10 @@ def main() -> int:
         procs.append(ml_proc)
         ports = {"cnnctl": cnnctl.http_port, "aiohttp_ceiling": ceiling_port,
                  "aiohttp_bare_ort": bare_port, "mlserver": ml_port}
+        if args.baseline:
+            # cwd: not a checkout, whose cnnctl/ would shadow the baseline's
+            baseline = CliServer(str(artifact), "--device", "cpu", python=args.baseline, cwd="/")
+            ports["cnnctl_baseline"] = baseline.http_port
         for port in ports.values():  # warm up: sessions, connections, allocators
             wrk(port, 8, 2, body, lua)
         results: dict[str, Any] = {"wrk_json": {}, "wrk_binary": {}, "perf_analyzer_binary": {}}
@@ -338,7 +354,7 @@ def main() -> int:
                 row = {name: median_runs(r) for name, r in runs.items()}
                 cn = row["cnnctl"]["images_per_s"]
                 for other, key in (("aiohttp_ceiling", "ceiling"), ("aiohttp_bare_ort", "bare_ort"),
-                                   ("mlserver", "mlserver")):
+                                   ("mlserver", "mlserver"), ("cnnctl_baseline", "baseline")):
                     if other in row:
                         row[f"cnnctl_vs_{key}"] = round(cn / row[other]["images_per_s"], 3)
                 results[f"wrk_{kind}"][f"c{c}"] = row
@@ -353,8 +369,7 @@ def main() -> int:
             print(f"perf_analyzer part skipped: {exc}", file=sys.stderr)
             exe = None
         if exe:
-            pa_ports = {"cnnctl": ports["cnnctl"], "aiohttp_ceiling": ceiling_port,
-                        "aiohttp_bare_ort": bare_port}
+            pa_ports = {k: v for k, v in ports.items() if k != "mlserver"}
             loads = [(f"c{c}", c, None) for c in levels] + [
                 (f"poisson{r}", None, float(r)) for r in args.rates.split(",") if r]
             for label, conc, rate in loads:
@@ -366,9 +381,11 @@ def main() -> int:
                             measured[name].append(one)
                 row = {name: median_runs(r) if r else None for name, r in measured.items()}
                 if all(row.values()):
-                    for ref in ("aiohttp_ceiling", "aiohttp_bare_ort"):
-                        row[f"cnnctl_vs_{ref[8:]}"] = round(
-                            row["cnnctl"]["images_per_s"] / row[ref]["images_per_s"], 3)
+                    for ref, key in (("aiohttp_ceiling", "ceiling"), ("aiohttp_bare_ort", "bare_ort"),
+                                     ("cnnctl_baseline", "baseline")):
+                        if ref in row:
+                            row[f"cnnctl_vs_{key}"] = round(
+                                row["cnnctl"]["images_per_s"] / row[ref]["images_per_s"], 3)
                 results["perf_analyzer_binary"][label] = row
                 print(f"perf_analyzer {label}: " + ", ".join(
                     f"{n} {v['images_per_s']:.0f}/s p99 {v['p99_ms']:.1f} ms"
@@ -381,8 +398,9 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if cnnctl is not None:
-            cnnctl.kill()
+        for server in (cnnctl, baseline):
+            if server is not None:
+                server.kill()
         shutil.rmtree(work, ignore_errors=True)
     mlserver_version = subprocess.run([args.mlserver, "-c", "import mlserver; print("
                                        "mlserver.__version__)"], capture_output=True,
@@ -414,6 +432,7 @@ def main() -> int:
                   "perf_analyzer": f"-i http (binary inputs), closed loop -cC and open loop "
                                    f"Poisson, against cnnctl and the two aiohttp servers; "
                                    f"median of {args.pa_rounds} interleaved"},
+        "baseline": None if not args.baseline else _code_of(args.baseline),
         "results": results,
     }
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
