@@ -6,9 +6,11 @@ adaptive batching, side by side in one run.
 
 Load: wrk (apt-get install wrk), closed loop, C connections each sending the next request when the
 answer arrives, one client thread; the same JSON request body (the protocol's plain form, which all
-three take: MLServer has no binary extension) to every server; rounds interleaved so that drift in
-the machine's load hits all three. Then perf_analyzer -i http (Triton's binary data extension, its
-default) against cnnctl and the ceiling, closed loop and open loop (Poisson arrivals).
+take: MLServer has no binary extension) to every server, then the same tensor with Triton's binary
+data extension to all but MLServer; rounds interleaved so that drift in the machine's load hits all
+alike. Then perf_analyzer -i http (binary data, its default) against cnnctl and the two aiohttp
+servers, closed loop and open loop (Poisson arrivals). The aiohttp servers use its low-level
+``web.Server``, as cnnctl does: the cheapest way to answer on that library.
 
 MLServer runs from a venv of its own (--mlserver: its python; `python -m venv /work/mlserver-venv &&
 /work/mlserver-venv/bin/pip install mlserver==1.7.1 onnxruntime 'uvloop<0.22'`: MLServer 1.7.1
@@ -20,6 +22,7 @@ bench/results/serve_rest.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -83,7 +86,7 @@ def ceiling(port: int, onnx: str | None = None) -> None:
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
 
-    async def infer(request: web.Request) -> web.Response:
+    async def infer(request: web.BaseRequest) -> web.Response:
         body = await request.read()
         length = request.headers.get("Inference-Header-Content-Length")
         if session is not None:
@@ -104,26 +107,32 @@ def ceiling(port: int, onnx: str | None = None) -> None:
                                 headers={"Inference-Header-Content-Length": str(len(header))})
         return web.Response(body=json_answer, content_type="application/json")
 
-    async def fixed(request: web.Request) -> web.Response:
+    async def fixed(request: web.BaseRequest) -> web.Response:
         if request.path == "/v2":
             return web.json_response({"name": "ceiling", "version": "0", "extensions": []})
         doc = {"/config": config, "/stats": {"model_stats": []}}.get(
             request.path[len(f"/v2/models/{MODEL}"):], metadata)
         return web.json_response(doc)
 
-    async def ok(request: web.Request) -> web.Response:
+    async def ok(request: web.BaseRequest) -> web.Response:
         return web.Response()
 
-    app = web.Application()
-    app.router.add_get("/v2/health/ready", ok)
-    app.router.add_get("/v2", fixed)
-    app.router.add_get("/v2/models/stats", fixed)
-    app.router.add_get(f"/v2/models/{MODEL}", fixed)
-    app.router.add_get(f"/v2/models/{MODEL}/config", fixed)
-    app.router.add_get(f"/v2/models/{MODEL}/stats", fixed)
-    app.router.add_post(f"/v2/models/{MODEL}/infer", infer)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
-                handle_signals=True)
+    async def handle(request: web.BaseRequest) -> web.Response:
+        # aiohttp's low-level server, as cnnctl's (serving/http.py): the cheapest way to answer
+        # on this library, so that the ceiling is one
+        if request.method == "POST":
+            return await infer(request)
+        if request.path == "/v2/health/ready":
+            return await ok(request)
+        return await fixed(request)
+
+    async def main() -> None:
+        runner = web.ServerRunner(web.Server(handle, access_log=None), handle_signals=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 # -- servers
@@ -239,6 +248,29 @@ def json_body(path: Path) -> Path:
     return path
 
 
+def binary_body(path: Path) -> tuple[Path, int]:
+    """The same tensor with Triton's binary data extension (as tritonclient.http sends it with
+    binary_data=True): (file, JSON header length)."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": SHAPE, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "logits",
+                                      "parameters": {"binary_data": True}}]}).encode()
+    path.write_bytes(header + x.tobytes())
+    return path, len(header)
+
+
+def _code_of(python: str) -> dict[str, str]:
+    """Which checkout (and commit) a python's cnnctl comes from."""
+    where = subprocess.run([python, "-c", "import cnnctl, os; print(os.path.dirname(cnnctl."
+                            "__file__))"], capture_output=True, text=True, cwd="/").stdout.strip()
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(where).parent).stdout.strip() if where else ""
+    return {"python": python, "package": where, "code": code}
+
+
 def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     import statistics
 
@@ -267,6 +299,9 @@ def main() -> int:
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--pa-rounds", type=int, default=2,
                         help="perf_analyzer measurements per load and server, interleaved")
+    parser.add_argument("--baseline", default=None, metavar="PYTHON",
+                        help="also run `cnnctl serve` from this python (another checkout's "
+                             "venv: the code before a change) in every load, as cnnctl_baseline")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve_rest.json"))
     args = parser.parse_args()
     if args.command == "ceiling":
@@ -282,7 +317,7 @@ def main() -> int:
     lua = work / "post.lua"
     lua.write_text(WRK_LUA)
     procs: list[subprocess.Popen[Any]] = []
-    cnnctl = None
+    cnnctl = baseline = None
     try:
         cnnctl = CliServer(str(artifact), "--device", "cpu")
         ceiling_proc, ceiling_port = start_ceiling()
@@ -294,24 +329,38 @@ def main() -> int:
         procs.append(ml_proc)
         ports = {"cnnctl": cnnctl.http_port, "aiohttp_ceiling": ceiling_port,
                  "aiohttp_bare_ort": bare_port, "mlserver": ml_port}
+        if args.baseline:
+            # cwd: not a checkout, whose cnnctl/ would shadow the baseline's
+            baseline = CliServer(str(artifact), "--device", "cpu", python=args.baseline, cwd="/")
+            ports["cnnctl_baseline"] = baseline.http_port
         for port in ports.values():  # warm up: sessions, connections, allocators
             wrk(port, 8, 2, body, lua)
-        results: dict[str, Any] = {"wrk_json": {}, "perf_analyzer_binary": {}}
-        for c in levels:
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ports}
-            for _ in range(args.rounds):
-                for name, port in ports.items():
-                    runs[name].append(wrk(port, c, args.seconds, body, lua))
-            row = {name: median_runs(r) for name, r in runs.items()}
-            cn = row["cnnctl"]["images_per_s"]
-            row["cnnctl_vs_ceiling"] = round(cn / row["aiohttp_ceiling"]["images_per_s"], 3)
-            row["cnnctl_vs_bare_ort"] = round(cn / row["aiohttp_bare_ort"]["images_per_s"], 3)
-            row["cnnctl_vs_mlserver"] = round(cn / row["mlserver"]["images_per_s"], 3)
-            results["wrk_json"][f"c{c}"] = row
-            print(f"wrk JSON c{c}: " + ", ".join(
-                f"{n} {row[n]['images_per_s']:.0f}/s p99 {row[n]['p99_ms']:.1f} ms"
-                for n in ports), f"-> {row['cnnctl_vs_ceiling']}x ceiling, "
-                f"{row['cnnctl_vs_mlserver']}x MLServer", flush=True)
+        results: dict[str, Any] = {"wrk_json": {}, "wrk_binary": {}, "perf_analyzer_binary": {}}
+        bin_body, bin_length = binary_body(work / "request.bin")
+        bin_lua = work / "post_binary.lua"
+        bin_lua.write_text(WRK_LUA.replace(
+            'wrk.headers["Content-Type"] = "application/json"',
+            'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            f'wrk.headers["Inference-Header-Content-Length"] = "{bin_length}"'))
+        # MLServer has no binary extension: JSON only
+        kinds = [("json", body, lua, ports),
+                 ("binary", bin_body, bin_lua, {k: v for k, v in ports.items() if k != "mlserver"})]
+        for kind, kind_body, kind_lua, kind_ports in kinds:
+            for c in levels:
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in kind_ports}
+                for _ in range(args.rounds):
+                    for name, port in kind_ports.items():
+                        runs[name].append(wrk(port, c, args.seconds, kind_body, kind_lua))
+                row = {name: median_runs(r) for name, r in runs.items()}
+                cn = row["cnnctl"]["images_per_s"]
+                for other, key in (("aiohttp_ceiling", "ceiling"), ("aiohttp_bare_ort", "bare_ort"),
+                                   ("mlserver", "mlserver"), ("cnnctl_baseline", "baseline")):
+                    if other in row:
+                        row[f"cnnctl_vs_{key}"] = round(cn / row[other]["images_per_s"], 3)
+                results[f"wrk_{kind}"][f"c{c}"] = row
+                print(f"wrk {kind} c{c}: " + ", ".join(
+                    f"{n} {row[n]['images_per_s']:.0f}/s p99 {row[n]['p99_ms']:.1f} ms"
+                    for n in kind_ports), f"-> {row['cnnctl_vs_ceiling']}x ceiling", flush=True)
         try:
             import perf_analyzer as pa
 
@@ -320,8 +369,7 @@ def main() -> int:
             print(f"perf_analyzer part skipped: {exc}", file=sys.stderr)
             exe = None
         if exe:
-            pa_ports = {"cnnctl": ports["cnnctl"], "aiohttp_ceiling": ceiling_port,
-                        "aiohttp_bare_ort": bare_port}
+            pa_ports = {k: v for k, v in ports.items() if k != "mlserver"}
             loads = [(f"c{c}", c, None) for c in levels] + [
                 (f"poisson{r}", None, float(r)) for r in args.rates.split(",") if r]
             for label, conc, rate in loads:
@@ -333,9 +381,11 @@ def main() -> int:
                             measured[name].append(one)
                 row = {name: median_runs(r) if r else None for name, r in measured.items()}
                 if all(row.values()):
-                    for ref in ("aiohttp_ceiling", "aiohttp_bare_ort"):
-                        row[f"cnnctl_vs_{ref[8:]}"] = round(
-                            row["cnnctl"]["images_per_s"] / row[ref]["images_per_s"], 3)
+                    for ref, key in (("aiohttp_ceiling", "ceiling"), ("aiohttp_bare_ort", "bare_ort"),
+                                     ("cnnctl_baseline", "baseline")):
+                        if ref in row:
+                            row[f"cnnctl_vs_{key}"] = round(
+                                row["cnnctl"]["images_per_s"] / row[ref]["images_per_s"], 3)
                 results["perf_analyzer_binary"][label] = row
                 print(f"perf_analyzer {label}: " + ", ".join(
                     f"{n} {v['images_per_s']:.0f}/s p99 {v['p99_ms']:.1f} ms"
@@ -348,8 +398,9 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if cnnctl is not None:
-            cnnctl.kill()
+        for server in (cnnctl, baseline):
+            if server is not None:
+                server.kill()
         shutil.rmtree(work, ignore_errors=True)
     mlserver_version = subprocess.run([args.mlserver, "-c", "import mlserver; print("
                                        "mlserver.__version__)"], capture_output=True,
@@ -367,19 +418,21 @@ def main() -> int:
         "setup": {"model": "lenet5 (random weights), batch 1, FP32 [1, 1, 32, 32]",
                   "cnnctl": "cnnctl serve --device cpu (defaults: dynamic batching, "
                             "max batch 64)",
-                  "aiohttp_ceiling": f"aiohttp {aiohttp.__version__}, reads the body, "
-                                     f"answers canned bytes of the same size",
+                  "aiohttp_ceiling": f"aiohttp {aiohttp.__version__} low-level web.Server, "
+                                     f"reads the body, answers canned bytes of the same size",
                   "aiohttp_bare_ort": "aiohttp, takes the tensor from the body, 1-thread ORT "
                                       "on the loop, answers the logits; no checks, batching or "
                                       "metrics",
                   "mlserver": f"MLServer {mlserver_version}, bench/mlserver/onnx_runtime.py, "
                               f"adaptive batching max_batch_size 64, max_batch_time 2 ms, "
                               f"parallel_workers {args.mlserver_workers}",
-                  "wrk": f"wrk -t1 -cC -d{args.seconds}s, JSON body, median of "
-                         f"{args.rounds} interleaved rounds",
+                  "wrk": f"wrk -t1 -cC -d{args.seconds}s, JSON body, then binary (header + "
+                         f"4096 bytes, binary output), median of {args.rounds} interleaved "
+                         f"rounds",
                   "perf_analyzer": f"-i http (binary inputs), closed loop -cC and open loop "
                                    f"Poisson, against cnnctl and the two aiohttp servers; "
                                    f"median of {args.pa_rounds} interleaved"},
+        "baseline": None if not args.baseline else _code_of(args.baseline),
         "results": results,
     }
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -61,6 +61,10 @@ class MessageTooLargeError(OverloadedError):
     """A request body over --max-message-mb: RESOURCE_EXHAUSTED (gRPC), 413 (HTTP)."""
 
 
+class RequestTimeoutError(UsageError):
+    """An HTTP request body not in full within --request-read-timeout-s: 408 (REST only)."""
+
+
 class DeadlineExceededError(CnnctlError):
     """A request whose deadline passed before it was computed: DEADLINE_EXCEEDED."""
 

@@ -40,6 +40,9 @@ _LIMIT_HELP = {
                                    "than this without calls in flight."),
     "handshake_timeout_s": (_POSITIVE, "Close a connection that has not finished its "
                             "HTTP/2 (and TLS) handshake in this long."),
+    "request_read_timeout_s": (_POSITIVE, "REST: answer 408 and close the connection when a "
+                               "request's body has not arrived in full this long after its "
+                               "headers."),
 }
 
 

@@ -72,6 +72,10 @@ class LimitsConfig:
     max_connection_idle_s: float = 300.0
     min_client_ping_interval_s: float = 10.0
     handshake_timeout_s: float = 10.0
+    # REST: an HTTP request's body must have arrived in full this long after its headers, or it is
+    # answered 408 and its connection closed (a client sending slowly holds no request slot for
+    # longer). A connection with no request in progress closes after max_connection_idle_s.
+    request_read_timeout_s: float = 30.0
 
     @property
     def max_pending_bytes(self) -> int:

@@ -23,6 +23,7 @@ from cnnctl.errors import (
     NotFoundError,
     OverloadedError,
     PermissionDeniedError,
+    RequestTimeoutError,
     UnavailableError,
     UsageError,
 )
@@ -44,7 +45,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 # HTTP statuses by gRPC code, as grpc-gateway maps them (FAILED_PRECONDITION: 400), except that a
-# body over --max-message-mb is 413: both are RESOURCE_EXHAUSTED over gRPC.
+# body over --max-message-mb is 413 (both are RESOURCE_EXHAUSTED over gRPC) and a body too slow to
+# arrive is 408 (HTTP's own).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -57,6 +59,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 TOO_LARGE = 413
+REQUEST_TIMEOUT = 408
 
 # Refusals (and internal errors) are logged at most once per LOG_EVERY_S, with a count of the rest:
 # a client sending bad requests in a loop must not flood the log.
@@ -88,6 +91,8 @@ def http_status_for(exc: BaseException) -> tuple[int, str]:
     code, message = status_for(exc)
     if isinstance(exc, MessageTooLargeError):
         return TOO_LARGE, message
+    if isinstance(exc, RequestTimeoutError):
+        return REQUEST_TIMEOUT, message
     return HTTP_STATUS.get(code, 500), message
 
 

@@ -37,6 +37,7 @@ from cnnctl.errors import (
     MessageTooLargeError,
     NotEnabledError,
     OverloadedError,
+    RequestTimeoutError,
     UsageError,
 )
 from cnnctl.protos import grpc_service_pb2 as pb
@@ -57,6 +58,9 @@ BINARY = "binary_data"  # output parameter: this output as binary
 _SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SIZED = {name: dtype.itemsize for name, dtype in TENSOR_DTYPES.items()}
+LINGER_S = 2.0  # after a 408 or 413: see HttpFrontend.start
+_CACHE_MAX = 256  # parsed headers and written answer headers kept; beyond it, each is redone
+_CACHED_HEADER_MAX = 4096  # bytes: a longer JSON header is parsed each time, never kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,72 @@ class Plan:
     """How to write an infer answer: which outputs go as binary."""
 
     default_binary: bool  # the request's binary_data_output
-    binary: dict[str, bool]  # output name -> its own binary_data, where it says
+    binary: tuple[tuple[str, bool], ...] = ()  # (output name, its own binary_data), where said
+
+    def is_binary(self, output: str) -> bool:
+        for name, flag in self.binary:
+            if name == output:
+                return flag
+        return self.default_binary
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A binary request's JSON header, parsed and checked: the request without its data."""
+
+    template: pb.ModelInferRequest  # raw_input_contents empty
+    sizes: tuple[int, ...]  # each input's binary_data_size, in order
+    plan: Plan
+
+
+class InferParser:
+    """``parse_infer`` with its answers for binary requests remembered under their JSON header.
+
+    A client sends the same header with every binary request (names, datatypes, shapes, sizes;
+    only the bytes after it change), so a header seen before costs a dict lookup and a copy,
+    as the codec does for gRPC's input descriptions. Headers with an ``id`` are not kept (it
+    changes with every request), nor ones over _CACHED_HEADER_MAX bytes, nor more than
+    _CACHE_MAX of them: what a client can make the cache hold is bounded."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[str, str, bytes], _Parsed] = {}
+
+    def parse(self, body: bytes, header_length: str | None, model: str,
+              version: str) -> tuple[pb.ModelInferRequest, Plan]:
+        if header_length is None or not header_length.isdigit():
+            return parse_infer(body, header_length, model, version)
+        n = int(header_length)
+        if n > _CACHED_HEADER_MAX:
+            return parse_infer(body, header_length, model, version)
+        key = (model, version, body[:n])
+        parsed = self._parsed.get(key)
+        if parsed is None or len(body) - n != sum(parsed.sizes):
+            request, plan = parse_infer(body, header_length, model, version)
+            if parsed is None and len(self._parsed) < _CACHE_MAX:
+                self._remember(key, request, plan)
+            return request, plan
+        request = pb.ModelInferRequest()
+        request.CopyFrom(parsed.template)
+        raws = request.raw_input_contents
+        if len(parsed.sizes) == 1:
+            raws.append(body[n:])
+        else:
+            offset = n
+            for size in parsed.sizes:
+                raws.append(body[offset:offset + size])
+                offset += size
+        return request, parsed.plan
+
+    def _remember(self, key: tuple[str, str, bytes], request: pb.ModelInferRequest,
+                  plan: Plan) -> None:
+        """Keep a parsed header whose every input's data is binary, and that has no id."""
+        raws = request.raw_input_contents
+        if request.id or len(raws) != len(request.inputs):
+            return
+        template = pb.ModelInferRequest()
+        template.CopyFrom(request)
+        del template.raw_input_contents[:]
+        self._parsed[key] = _Parsed(template, tuple(len(r) for r in raws), plan)
 
 
 # -- request: JSON (+ binary) -> pb.ModelInferRequest
@@ -128,7 +197,7 @@ def parse_infer(body: bytes, header_length: str | None, model: str,
             if BINARY in params:
                 binary_outputs[name] = _bool(params[BINARY], f"output '{name}': '{BINARY}'")
             request.outputs.add(name=name)
-    return request, Plan(default_binary, binary_outputs)
+    return request, Plan(default_binary, tuple(binary_outputs.items()))
 
 
 def _add_input(request: pb.ModelInferRequest, tensor: Any, index: int, binary: memoryview,
@@ -280,6 +349,30 @@ def _fmt(shape: list[int]) -> str:
 
 
 # -- answer: pb.ModelInferResponse -> JSON (+ binary)
+class InferRenderer:
+    """``render_infer`` with the JSON header of all-binary answers remembered: for one model
+    version, output shape and plan it is the same every time (answers with an id are
+    written each time)."""
+
+    def __init__(self) -> None:
+        self._headers: dict[tuple[object, ...], bytes] = {}
+
+    def render(self, response: pb.ModelInferResponse, plan: Plan) -> tuple[bytes, int | None]:
+        outputs = response.outputs
+        if response.id or len(outputs) != 1:
+            return render_infer(response, plan)
+        tensor = outputs[0]
+        key = (response.model_name, response.model_version, tensor.name, tensor.datatype,
+               tuple(tensor.shape), plan)
+        header = self._headers.get(key)
+        if header is None:
+            body, length = render_infer(response, plan)
+            if length is not None and len(self._headers) < _CACHE_MAX:
+                self._headers[key] = body[:length]
+            return body, length
+        return header + response.raw_output_contents[0], len(header)
+
+
 def render_infer(response: pb.ModelInferResponse, plan: Plan) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when the body is JSON only)."""
     outputs = []
@@ -287,7 +380,7 @@ def render_infer(response: pb.ModelInferResponse, plan: Plan) -> tuple[bytes, in
     for tensor, raw in zip(response.outputs, response.raw_output_contents):
         out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                                "shape": list(tensor.shape)}
-        if plan.binary.get(tensor.name, plan.default_binary):
+        if plan.is_binary(tensor.name):
             out["parameters"] = {BINARY_SIZE: len(raw)}
             chunks.append(raw)
         else:  # orjson writes float32 in their shortest form that reads back the same
@@ -394,7 +487,8 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Info = dict[str, str]  # what a route's path names: {"name": ..., "version": ...}
+Handler = Callable[[web.BaseRequest, Info], Awaitable[web.StreamResponse]]
 
 
 class _Context:
@@ -417,34 +511,63 @@ class HttpFrontend:
         self.registry = registry  # prometheus_client's, for /metrics
         self.max_bytes = config.max_message_bytes
         self.max_inflight = config.limits.max_concurrent_rpcs
+        self.read_timeout = config.limits.request_read_timeout_s
         self.inflight = 0
+        self._parser = InferParser()
+        self._renderer = InferRenderer()
         self.sock: socket.socket | None = None
         self.port = 0
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=self.max_bytes,
-                                   middlewares=[self._errors])
-        self._routes()
+        self._runner: web.ServerRunner | None = None
+        # Fixed paths, and the model routes by what follows /v2/models/{name}[/versions/{v}]
+        self._fixed: dict[str, dict[str, Handler]] = {
+            "/v2": {"GET": self._metadata},
+            "/v2/health/live": {"GET": self._live},
+            "/v2/health/ready": {"GET": self._ready},
+            "/v2/models/stats": {"GET": self._stats},
+            "/v2/repository/index": {"POST": self._index},
+            "/metrics": {"GET": self._metrics},
+        }
+        self._model_routes: dict[str, dict[str, Handler]] = {
+            "": {"GET": self._model_metadata},
+            "ready": {"GET": self._model_ready},
+            "config": {"GET": self._config},
+            "stats": {"GET": self._stats},
+            "infer": {"POST": self._infer},
+        }
+        self._control_routes: dict[str, Handler] = {"load": self._control,
+                                                   "unload": self._control}
 
-    def _routes(self) -> None:
-        r = self.app.router
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
-        # aiohttp tries routes in order: the hot one first
-        r.add_post(model + "/infer", self._infer)
-        r.add_post(versioned + "/infer", self._infer)
-        r.add_get("/v2/health/live", self._live)
-        r.add_get("/v2/health/ready", self._ready)
-        r.add_get("/v2", self._metadata)
-        r.add_get("/v2/models/stats", self._stats)  # before {name}: static routes first
-        for base in (model, versioned):
-            r.add_get(base, self._model_metadata)
-            r.add_get(base + "/ready", self._model_ready)
-            r.add_get(base + "/config", self._config)
-            r.add_get(base + "/stats", self._stats)
-        r.add_post("/v2/repository/index", self._index)
-        r.add_post("/v2/repository/models/{name}/load", self._control)
-        r.add_post("/v2/repository/models/{name}/unload", self._control)
-        r.add_get("/metrics", self._metrics)
+    def route(self, method: str, path: str) -> tuple[Handler, Info]:
+        """The handler for a request and what its path names; HTTPNotFound or
+        HTTPMethodNotAllowed (with the methods allowed) when there is none. Path segments are
+        matched whole (a name is one non-empty segment), as aiohttp's router matches {name}."""
+        info: Info = {}
+        methods = self._fixed.get(path)
+        if methods is None:
+            parts = path.split("/")
+            n = len(parts)
+            # ['', 'v2', 'models', name, ('versions', v,) (what)]
+            if n >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+                info["name"] = parts[3]
+                rest = parts[4:]
+                if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                    info["version"] = rest[1]
+                    rest = rest[2:]
+                if not rest:
+                    methods = self._model_routes[""]
+                elif len(rest) == 1 and rest[0]:
+                    methods = self._model_routes.get(rest[0])
+            elif (n == 6 and parts[1] == "v2" and parts[2] == "repository"
+                    and parts[3] == "models" and parts[4] and parts[5] in self._control_routes):
+                info["name"] = parts[4]
+                methods = {"POST": self._control_routes[parts[5]]}
+        if methods is None:
+            raise web.HTTPNotFound()
+        handler = methods.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            allowed = {*methods, *(["HEAD"] if "GET" in methods else [])}
+            raise web.HTTPMethodNotAllowed(method, sorted(allowed))
+        return handler, info
 
     def bind(self) -> int:
         self.sock = bind_socket(self.config.host, self.config.http_port or 0,
@@ -455,11 +578,17 @@ class HttpFrontend:
     async def start(self) -> None:
         assert self.sock is not None, "bind() first"
         idle = self.config.limits.max_connection_idle_s
+        # aiohttp's low-level server: its HTTP, our routing (route()); an Application's router
+        # and middleware cost ~10 µs a request, a tenth of a do-nothing server's whole answer.
+        # lingering_time: after answering a request whose body was not read in full (413,
+        # 408), read and drop what else comes for this long, so that the client gets the
+        # answer before the connection closes (not a reset), then close.
+        server = web.Server(self._handle, request_factory=self._request,
+                            keepalive_timeout=idle if idle > 0 else 3600.0, access_log=None,
+                            lingering_time=LINGER_S)
         # Every infer is answered before stop() (server.py): the shutdown only closes
         # connections, so a short timeout.
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     keepalive_timeout=idle if idle > 0 else 3600.0,
-                                     shutdown_timeout=5.0)
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         await web.SockSite(self._runner, self.sock,
                            ssl_context=_ssl_context(self.config)).start()
@@ -472,17 +601,26 @@ class HttpFrontend:
         elif self.sock is not None:
             self.sock.close()
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every failure as the protocol's error body: aiohttp's own refusals (unknown route,
-        wrong method) and the handlers' errors, through the status table."""
+    def _request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                 task: asyncio.Task[None]) -> web.BaseRequest:
+        """aiohttp's request, reading bodies up to --max-message-mb (its default is 1 MiB)."""
+        return web.BaseRequest(message, payload, protocol, writer, task,
+                               asyncio.get_running_loop(), client_max_size=self.max_bytes)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: routed, answered, and every failure as the protocol's error body
+        (unknown route, wrong method, and the handlers' errors through the status table)."""
+        method, path = request.method, request.path
         try:
-            return await handler(request)
+            handler, info = self.route(method, path)
+            return await handler(request, info)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _json({"error": f"{exc.reason}: {request.method} {request.path}"},
-                         exc.status)
+            response = _json({"error": f"{exc.reason}: {method} {path}"}, exc.status)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the table
             return error_response(exc)
 
@@ -492,36 +630,36 @@ class HttpFrontend:
         handler = getattr(InferenceServicer, method).__wrapped__
         return await handler(self.servicer, message, _Context())
 
-    async def _live(self, request: web.Request) -> web.Response:
+    async def _live(self, request: web.BaseRequest, info: Info) -> web.Response:
         return _ok((await self._grpc("ServerLive", pb.ServerLiveRequest())).live)
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    async def _ready(self, request: web.BaseRequest, info: Info) -> web.Response:
         return _ok((await self._grpc("ServerReady", pb.ServerReadyRequest())).ready)
 
-    async def _model_ready(self, request: web.Request) -> web.Response:
-        answer = await self._grpc("ModelReady", pb.ModelReadyRequest(**_model(request)))
+    async def _model_ready(self, request: web.BaseRequest, info: Info) -> web.Response:
+        answer = await self._grpc("ModelReady", pb.ModelReadyRequest(**_model(info)))
         return _ok(answer.ready)
 
     async def _answer(self, method: str, message: Message,
                       pick: Callable[[Any], Any] = message_json) -> web.Response:
         return _json(pick(await self._grpc(method, message)))
 
-    async def _metadata(self, request: web.Request) -> web.Response:
+    async def _metadata(self, request: web.BaseRequest, info: Info) -> web.Response:
         return await self._answer("ServerMetadata", pb.ServerMetadataRequest())
 
-    async def _model_metadata(self, request: web.Request) -> web.Response:
-        return await self._answer("ModelMetadata", pb.ModelMetadataRequest(**_model(request)))
+    async def _model_metadata(self, request: web.BaseRequest, info: Info) -> web.Response:
+        return await self._answer("ModelMetadata", pb.ModelMetadataRequest(**_model(info)))
 
-    async def _config(self, request: web.Request) -> web.Response:
+    async def _config(self, request: web.BaseRequest, info: Info) -> web.Response:
         # Triton's HTTP answer is the config itself, not {"config": ...}
-        return await self._answer("ModelConfig", pb.ModelConfigRequest(**_model(request)),
+        return await self._answer("ModelConfig", pb.ModelConfigRequest(**_model(info)),
                                   lambda a: message_json(a.config))
 
-    async def _stats(self, request: web.Request) -> web.Response:
+    async def _stats(self, request: web.BaseRequest, info: Info) -> web.Response:
         return await self._answer("ModelStatistics",
-                                  pb.ModelStatisticsRequest(**_model(request)))
+                                  pb.ModelStatisticsRequest(**_model(info)))
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+    async def _json_body(self, request: web.BaseRequest) -> dict[str, Any]:
         """A small JSON object body (empty: {})."""
         body = await self._read(request)
         try:
@@ -530,32 +668,32 @@ class HttpFrontend:
             raise UsageError(f"the request body is not valid JSON: {exc}") from None
         return _object(doc, "the request body")
 
-    async def _index(self, request: web.Request) -> web.Response:
+    async def _index(self, request: web.BaseRequest, info: Info) -> web.Response:
         ready = _bool((await self._json_body(request)).get("ready", False), "'ready'")
         # Triton's HTTP answer is the list itself
         return await self._answer("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready),
                                   lambda a: message_json(a).get("models", []))
 
-    async def _control(self, request: web.Request) -> web.Response:
+    async def _control(self, request: web.BaseRequest, info: Info) -> web.Response:
         """Load or unload (Triton's model repository extension): the gRPC handler's checks, mode
         and answer; the body's "parameters" go along as the gRPC request's."""
         load = request.path.endswith("/load")
         message = (pb.RepositoryModelLoadRequest if load else pb.RepositoryModelUnloadRequest)(
-            model_name=request.match_info["name"])
+            model_name=info["name"])
         params = _object((await self._json_body(request)).get("parameters"), "'parameters'")
         for key, value in params.items():
             _set_parameter(message.parameters[key], value, key)
         await self._grpc("RepositoryModelLoad" if load else "RepositoryModelUnload", message)
         return web.Response()
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.BaseRequest, info: Info) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- inference
-    async def _infer(self, request: web.Request) -> web.Response:
+    async def _infer(self, request: web.BaseRequest, info: Info) -> web.Response:
         if self.inflight >= self.max_inflight:
             return error_response(OverloadedError(
                 f"{self.inflight} HTTP requests in progress, the most --max-concurrent-rpcs "
@@ -564,15 +702,14 @@ class HttpFrontend:
         try:
             deadline = _deadline(request.headers.get(TIMEOUT_HEADER))
             body = await self._read(request)
-            message, plan = parse_infer(body, request.headers.get(HEADER_LENGTH),
-                                        request.match_info["name"],
-                                        request.match_info.get("version", ""))
+            message, plan = self._parser.parse(body, request.headers.get(HEADER_LENGTH),
+                                               info["name"], info.get("version", ""))
             answer = await self.servicer.infer(message, deadline)
-            data, header_length = render_infer(answer, plan)
+            data, header_length = self._renderer.render(answer, plan)
         except Exception as exc:  # noqa: BLE001 - every failure leaves through the table
             response = error_response(exc)
-            if isinstance(exc, MessageTooLargeError):
-                response.force_close()  # not reading the rest of an oversized body
+            if isinstance(exc, (MessageTooLargeError, RequestTimeoutError)):
+                response.force_close()  # not reading the rest of the body
             return response
         finally:
             self.inflight -= 1
@@ -581,23 +718,29 @@ class HttpFrontend:
         return web.Response(body=data, content_type=BINARY_TYPE,
                             headers={HEADER_LENGTH: str(header_length)})
 
-    async def _read(self, request: web.Request) -> bytes:
-        """The body, refused before it is read when it says it is over --max-message-mb."""
+    async def _read(self, request: web.BaseRequest) -> bytes:
+        """The body, refused before it is read when it says it is over --max-message-mb, and
+        when it has not arrived in full --request-read-timeout-s after the headers."""
         length = request.content_length
         if length is not None and length > self.max_bytes:
             raise MessageTooLargeError(self._too_large(f" of {length} bytes"))
         try:  # chunked, or compressed: counted as it arrives, decompressed
-            return await request.read()
+            if request.content.is_eof():  # arrived with the headers: nothing to wait for
+                return await request.read()
+            return await asyncio.wait_for(request.read(), self.read_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise MessageTooLargeError(self._too_large("")) from None
+        except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            raise RequestTimeoutError(
+                f"the request body did not arrive in full within --request-read-timeout-s "
+                f"{self.read_timeout:g} s of its headers") from None
 
     def _too_large(self, size: str) -> str:
         return (f"request body{size} is over --max-message-mb {self.max_bytes >> 20} "
                 f"({self.max_bytes} bytes)")
 
 
-def _model(request: web.Request) -> dict[str, str]:
-    info = request.match_info
+def _model(info: Info) -> dict[str, str]:
     return {"name": info.get("name", ""), "version": info.get("version", "")}
 
 

@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnctl.serving.http import parse_infer
+from cnnctl.protos import grpc_service_pb2 as pb
+from cnnctl.serving.http import (
+    LINGER_S,
+    InferParser,
+    InferRenderer,
+    parse_infer,
+    render_infer,
+)
 from cnnctl.serving.server import ServerThread
 from tests.support.serving import config_for, infer_request, logits_of, stub
 
@@ -223,7 +230,12 @@ BAD_REQUESTS = [
      "parameters ['config'] are not supported"),
     ("POST", "/v2/repository/index", "[]", {}, 400, "the request body must be a JSON object"),
     ("GET", "/v2/nothing", None, {}, 404, "Not Found: GET /v2/nothing"),
-    ("PUT", INFER, "{}", {}, 405, "Method Not Allowed"),
+    ("GET", "/v2/models/lenet5/", None, {}, 404, "Not Found: GET /v2/models/lenet5/"),
+    ("GET", "/v2/models//ready", None, {}, 404, "Not Found"),
+    ("GET", "/v2/models/lenet5/versions/1/infer/x", None, {}, 404, "Not Found"),
+    ("GET", "/v2/repository/models/lenet5/reload", None, {}, 404, "Not Found"),
+    ("PUT", INFER, "{}", {}, 405, "Method Not Allowed: PUT /v2/models/lenet5/infer"),
+    ("GET", "/v2/repository/index", None, {}, 405, "Method Not Allowed"),
 ]
 
 
@@ -447,3 +459,99 @@ def test_explicit_model_control_over_http(tmp_path: Path, artifacts: dict[str, P
             assert info.value.status() == "503"
             assert "model 'lenet5' is not ready: version 1 UNAVAILABLE: unloaded" in (
                 info.value.message())
+
+
+def test_routes_head_and_allow(url: str) -> None:
+    """HEAD answers as GET without a body; a wrong method is told the ones allowed."""
+    status, headers, body = call(url, "HEAD", "/v2/models/lenet5/versions/1")
+    assert status == 200 and body == b""
+    status, headers, _ = call(url, "GET", INFER)
+    assert status == 405 and headers["Allow"] == "POST"
+    status, headers, _ = call(url, "DELETE", "/v2/health/ready")
+    assert status == 405 and headers["Allow"] == "GET,HEAD"
+    assert call(url, "GET", "/v2/models/stats")[0] == 200  # the fixed route, not a model
+
+
+def _with_binary(header: dict[str, Any], *chunks: bytes) -> tuple[bytes, str]:
+    head = json.dumps(header).encode()
+    return head + b"".join(chunks), str(len(head))
+
+
+def test_parser_remembers_binary_headers_and_checks_each_body() -> None:
+    header = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32",
+                          "parameters": {"binary_data_size": 8}}],
+              "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    parser = InferParser()
+    for value in (1.0, 2.0, 3.0):  # the first parses, the others come from the cache
+        body, length = _with_binary(header, np.full(2, value, "<f4").tobytes())
+        got, plan = parser.parse(body, length, "m", "2")
+        want, want_plan = parse_infer(body, length, "m", "2")
+        assert got == want and plan == want_plan and plan.is_binary("logits")
+        assert np.frombuffer(got.raw_input_contents[0], "<f4").tolist() == [value, value]
+    assert len(parser._parsed) == 1
+    # the same header with a body of another length: refused as parse_infer refuses it
+    body, length = _with_binary(header, bytes(12))
+    with pytest.raises(Exception, match="holds 12 bytes after the JSON header; the inputs' "
+                                        "binary_data_size add up to 8"):
+        parser.parse(body, length, "m", "2")
+    # another model or version is another entry; an id, or JSON data, is never kept
+    parser.parse(*_with_binary(header, bytes(8)), "m", "3")
+    parser.parse(*_with_binary({**header, "id": "x"}, bytes(8)), "m", "3")
+    json_body = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "FP32",
+                                        "data": [1.0]}]}).encode()
+    with pytest.raises(Exception, match="not valid JSON"):  # a header of 0 bytes
+        parser.parse(json_body, "0", "m", "3")
+    assert parser.parse(json_body, None, "m", "3")[0].raw_input_contents[0] == \
+        np.ones(1, "<f4").tobytes()
+    assert len(parser._parsed) == 2
+    # a long header is parsed each time, never kept (a client cannot fill memory with them)
+    long_header = {**header, "parameters": {"pad": "x" * 5000}}
+    assert parser.parse(*_with_binary(long_header, bytes(8)), "m", "3")[0].parameters["pad"]
+    assert len(parser._parsed) == 2
+
+
+def test_renderer_remembers_binary_headers_only() -> None:
+    def answer(shape: list[int], rid: str = "") -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(model_name="m", model_version="1", id=rid)
+        response.outputs.add(name="logits", datatype="FP32", shape=shape)
+        response.raw_output_contents.append(np.arange(np.prod(shape), dtype="<f4").tobytes())
+        return response
+
+    renderer = InferRenderer()
+    binary = parse_infer(json.dumps({"parameters": {"binary_data_output": True}, "inputs": [
+        {"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(),
+        None, "m", "")[1]
+    as_json = parse_infer(json.dumps({"inputs": [
+        {"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(),
+        None, "m", "")[1]
+    for response in (answer([1, 10]), answer([1, 10]), answer([2, 10]), answer([1, 10], "r")):
+        for plan in (binary, as_json, binary):
+            assert renderer.render(response, plan) == render_infer(response, plan)
+    assert len(renderer._headers) == 2  # per shape, binary only
+
+
+def test_a_body_that_does_not_arrive_is_refused_408(artifacts: dict[str, Path]) -> None:
+    """A client that sends its headers and then part of its body (slowloris) is answered 408
+    after --request-read-timeout-s and its connection closed; others are served meanwhile."""
+    import socket
+    import time
+
+    with ServerThread(config_for(artifacts["lenet5"], request_read_timeout_s=1.0)) as running:
+        port = running.server.http_port
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        start = time.monotonic()
+        slow.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 5000\r\n\r\n{{\"inputs\": [".encode())
+        # meanwhile a good client is answered at once
+        status, _, answer = call(f"127.0.0.1:{port}", "POST", INFER, _json_input())
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+        answer = b""
+        while chunk := slow.recv(4096):  # the answer, then the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - start
+        slow.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert "did not arrive in full within --request-read-timeout-s 1 s" in \
+            json.loads(body)["error"]
+        assert 0.9 < waited < 1.0 + LINGER_S + 2.0  # answered, then closed after lingering
