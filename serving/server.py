@@ -31,6 +31,7 @@ from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cnnctl import malloc
 from cnnctl.errors import UsageError
 from cnnctl.protos import grpc_service_pb2 as pb
 from cnnctl.protos import grpc_service_pb2_grpc as pb_grpc
@@ -261,29 +262,18 @@ async def create_server(config: ServerConfig,
                            port, http), port
 
 
-# glibc malloc: blocks up to MMAP_THRESHOLD come from the heap, which keeps up to TRIM_THRESHOLD
-# free at its top. Left to itself glibc raises both only after freeing a big block, so whether
-# every 256 KiB request payload (lenet5, batch 64) costs an mmap, 64 page faults and an munmap
-# depended on what start-up happened to free: 28% of batch-64 throughput (docs/benchmarks.md).
+# glibc malloc (cnnctl/malloc.py): left to itself glibc raises its thresholds only after freeing a
+# big block, so whether every 256 KiB request payload (lenet5, batch 64) cost an mmap, 64 page
+# faults and an munmap depended on what start-up happened to free: 28% of batch-64 throughput
+# (docs/benchmarks.md).
 MMAP_THRESHOLD = 4 << 20
 TRIM_THRESHOLD = 32 << 20
-
-
-def _tune_malloc() -> None:
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
 async def serve(config: ServerConfig, announce: bool = True,
                 on_started: Callable[[str], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    _tune_malloc()
+    malloc.keep_freed_memory(MMAP_THRESHOLD, TRIM_THRESHOLD)
     server, port = await create_server(config)
     # Everything loaded so far (modules, sessions, protobuf descriptors) lives as long as the
     # process; frozen, a full collection no longer walks it and pauses the event loop for ms.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cnnctl import malloc
 from cnnctl.errors import UsageError
 from cnnctl.training.config import TrainConfig
 
@@ -59,22 +60,11 @@ def place(config: TrainConfig) -> Placement:
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed blocks of up to 32 MiB in the heap instead of handing them
-    back to the kernel. A training step frees and re-allocates the same activation buffers (MBs
-    each); with glibc's defaults every step maps them afresh and page-faults on each 4 KiB page
-    (resnet-mini at batch 256: 2.4 M page faults, a fifth of the CPU time, in two MNIST epochs).
-    A no-op (False) where the C library is not glibc."""
-    import ctypes
-
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-        libc = ctypes.CDLL(None)  # this process's own C library: glibc, checked above
-    except (ValueError, OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-        libc.mallopt(m_trim_threshold, 1 << 30))
+    """Keep freed blocks of up to 32 MiB in the heap (cnnctl/malloc.py): a training step frees and
+    re-allocates the same activation buffers (MBs each), and with glibc's defaults every step maps
+    them afresh and page-faults on each 4 KiB page (resnet-mini at batch 256: 2.4 M page faults, a
+    fifth of the CPU time, in two MNIST epochs). False where the C library is not glibc."""
+    return malloc.keep_freed_memory(32 << 20, 1 << 30)
 
 
 def _join_process_group(dist: Any, backend: str) -> None:

@@ -277,8 +277,9 @@ class ResNetMini(nn.Module):
     ``conv2_drop`` is declared but never called, so it is left out (it holds no parameters).
 
     002 computes ``max_pool2d(relu(conv(x)), 2)``; ``forward`` pools first. Max-pooling and relu
-    commute exactly (relu is monotone), so outputs and gradients are the seed's bit for bit, and
-    relu and its backward touch a quarter of the values (tests/unit/training/test_models.py)."""
+    commute exactly (relu is monotone), so outputs are the seed's bit for bit and gradients equal
+    up to float rounding, and relu and its backward touch a quarter of the values
+    (tests/unit/training/test_models.py)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
