@@ -106,6 +106,10 @@ class _Ints(click.ParamType):
               help="Mixed precision (default: on for CUDA, off on CPU where bf16 measured slower).")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="NHWC memory format (default on).")
+@click.option("--cpu-split/--no-cpu-split", default=None,
+              help="CPU: run each step's batch as one slice per core at once and sum the "
+                   "gradients (default: on where that is exact: one process, 2+ cores, no "
+                   "BatchNorm or dropout, no --amp/--compile).")
 @click.option("--max-steps", "max_steps_per_epoch", type=_range("max_steps_per_epoch"),
               default=None, help="At most this many steps per epoch (quick checks).")
 @click.option("--stream", type=click.Choice(STREAM_MODES), default=None,

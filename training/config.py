@@ -142,6 +142,7 @@ class TrainConfig:
     amp_dtype: str = "bf16"  # on CUDA without bf16 support, fp16 + GradScaler is used instead
     channels_last: bool | None = None  # None: on (measured faster on CPU for resnet-mini, and on CUDA)
     compile: bool = False
+    cpu_split: bool | None = None  # None: split CPU steps across the cores where exact (split.py)
     eval_batch_size: int | None = None  # None: 1024 at 28×28, fewer for larger inputs
     max_steps_per_epoch: int | None = None  # cap for smoke tests and quick checks
     checkpoint_every_steps: int | None = None  # also write last.pt mid-epoch every N steps

@@ -16,6 +16,7 @@ curves.png, TensorBoard).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ from cnnctl.training.evaluate import default_eval_batch, evaluate
 from cnnctl.training.models import build_model, get_spec
 from cnnctl.training.rundir import (log_epoch, new_run_dir, open_tensorboard, plot_curves,
                                     write_config, write_metrics)
+from cnnctl.training.split import BatchSplit, SplitPlan, plan_split
 from cnnctl.training.transforms import crop_flip, prepare_batch
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class _Setup:
     steps: int  # per epoch
     train_images: int
     val_images: int
+    split: SplitPlan  # CPU steps as slices run at once (split.py), or whole
 
     def resolved(self) -> dict[str, Any]:
         """config.json's "resolved" entry."""
@@ -118,7 +121,9 @@ class _Setup:
                 "torch": torch.__version__, "input_shape": list(self.inputs.shape),
                 "mean": self.inputs.mean, "std": self.inputs.std,
                 "class_names": self.inputs.class_names, "train_images": self.train_images,
-                "val_images": self.val_images, "steps_per_epoch": self.steps}
+                "val_images": self.val_images, "steps_per_epoch": self.steps,
+                "cpu_split": self.split.slices,
+                "cpu_split_why_not": self.split.reason or None}
 
     def start_info(self, run_dir: Path, start_epoch: int, start_step: int = 0) -> dict[str, Any]:
         """What ``Callbacks.on_start`` receives."""
@@ -128,7 +133,8 @@ class _Setup:
                 "train": self.train_images, "val": self.val_images,
                 "classes": len(self.inputs.class_names), "steps_per_epoch": self.steps,
                 "amp": str(p.dtype).replace("torch.", "") if p.amp else "off",
-                "channels_last": p.channels_last, "start_epoch": start_epoch,
+                "channels_last": p.channels_last, "cpu_split": self.split.slices,
+                "start_epoch": start_epoch,
                 "start_step": start_step, "config": cfg}
 
 
@@ -185,8 +191,11 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
         config = _at_least_min_steps(config, steps)
     opt = _Optimization(config, model, steps, precision, where.device,
                         schedule_epochs=config.epochs - schedule_start)
+    split = plan_split(config.cpu_split, device=where.device, world=where.world,
+                       threads=torch.get_num_threads(), batch=local_batch, model=model,
+                       amp=precision.amp, compiled=config.compile)
     setup = _Setup(config, where, precision, inputs, local_batch, steps, len(train_data),
-                   len(val_data))
+                   len(val_data), split)
 
     # A resumed run continues from last.pt: weights, optimizer, schedule, RNG, history, and the
     # position inside an epoch when it was written mid-epoch.
@@ -234,7 +243,8 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     # becomes a link to it when validation accuracy improved), metrics.csv and TensorBoard.
     # SIGTERM, and --checkpoint-every-steps, write last.pt at a step boundary inside the epoch.
     eval_batch = config.eval_batch_size or default_eval_batch(config.model)
-    with _StopSignal(where.world) as stop:
+    splitter = BatchSplit(model, split) if split.slices > 1 else None
+    with _StopSignal(where.world) as stop, splitter or contextlib.nullcontext():
         for epoch in range(start_epoch, config.epochs + 1):
             epoch_start = time.perf_counter()
 
@@ -252,7 +262,7 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
                     raise Preempted(last_path, epoch, done)
 
             train_loss, train_acc, images, train_s = _train_epoch(
-                train_model, train_src, opt, epoch, setup, position, between_steps)
+                train_model, train_src, opt, epoch, setup, position, between_steps, splitter)
             position = None
             lr = opt.end_epoch()
             val = evaluate(model, val_src, inputs.mean, inputs.std, where.device, eval_batch,
@@ -498,6 +508,15 @@ class _Optimization:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._after_step()
+
+    def step_on_grads(self) -> None:
+        """The step for gradients already in ``.grad`` (a split batch's sum; no loss scaling:
+        split steps run in float32)."""
+        self.optimizer.step()
+        self._after_step()
+
+    def _after_step(self) -> None:
         if self.scheduler is not None and self.per_step:
             self.scheduler.step()
 
@@ -607,11 +626,20 @@ def _wrap_for_training(model: nn.Module, config: TrainConfig, where: Placement) 
 
 def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: int,
                  setup: _Setup, position: dict[str, Any] | None,
-                 between_steps: Callable[[int, Callable[[], dict[str, Any]]], None]
-                 ) -> tuple[float, float, float, float]:
+                 between_steps: Callable[[int, Callable[[], dict[str, Any]]], None],
+                 splitter: BatchSplit | None = None) -> tuple[float, float, float, float]:
     """One pass over this rank's shard, from ``position`` when resuming mid-epoch; returns (loss,
     accuracy, images) summed over all ranks, and the seconds it took. ``between_steps(done,
-    state)`` runs after each step (``state()`` makes the position to save there)."""
+    state)`` runs after each step (``state()`` makes the position to save there). With a
+    ``splitter`` each step's batch runs as slices at once (split.py)."""
+    with splitter.stepping() if splitter is not None else contextlib.nullcontext():
+        return _run_epoch(model, source, opt, epoch, setup, position, between_steps, splitter)
+
+
+def _run_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: int,
+               setup: _Setup, position: dict[str, Any] | None,
+               between_steps: Callable[[int, Callable[[], dict[str, Any]]], None],
+               splitter: BatchSplit | None) -> tuple[float, float, float, float]:
     config, where, inputs, precision = setup.config, setup.where, setup.inputs, setup.precision
     start = time.perf_counter()
     model.train()
@@ -638,10 +666,15 @@ def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: in
                                flip=config.augment == "crop-flip")
         x = prepare_batch(images, inputs.mean, inputs.std, inputs.size,
                           channels_last=precision.channels_last)
-        with autocast(where.device, precision.dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-        opt.step(loss)
+        if splitter is not None:
+            logits, loss = splitter.backward(x, labels, config.label_smoothing)
+            opt.step_on_grads()
+        else:
+            with autocast(where.device, precision.dtype):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), labels,
+                                       label_smoothing=config.label_smoothing)
+            opt.step(loss)
         # Accumulated on the device: no host sync per step (it would stall a GPU's queue).
         loss_sum += loss.detach().double() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
