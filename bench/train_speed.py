@@ -8,7 +8,9 @@ Measures (issues 2, 3 and 23), side by side in one run:
     training, validation, checkpoint), for five seeds, each then tested with `cnnctl evaluate`
     (timed apart); the median process time of the seeds that reached 99.0% is compared;
   * training images/s of seed 002's net and optimizer at batch 64 (SGD lr 0.01 momentum 0.5):
-    the seed's loop vs cnnctl's loop, interleaved rounds;
+    the seed's loop (with its own ``Net``, as written) vs cnnctl's loop, interleaved rounds; beside
+    them, for the record, the seed's loop on cnnctl's resnet-mini (which pools before its relu)
+    and cnnctl's loop with --no-cpu-split;
   * optionally (--nproc 2) the default recipe under torchrun with 2 gloo processes.
 
 Run timed benchmarks alone:  flock /tmp/cnnctl-bench.lock .venv/bin/python bench/train_speed.py
@@ -49,13 +51,63 @@ def machine() -> dict:
     }
 
 
-def seed_loop(data_dir: str, max_epochs: int) -> dict:
-    """002_3b448b9890e3532f.txt as written (log_softmax + nll_loss, per-item ToTensor + Normalize
-    through a DataLoader, SGD lr 0.01 momentum 0.5, batch 64, test after each epoch), with the
-    net from cnnctl's zoo (the same layers) and stopping once it first reaches 99.0%."""
-    from torchvision import datasets, transforms
+class SeedResidualBlock(torch.nn.Module):
+    """002_3b448b9890e3532f.txt ``ResidualBlock``, as written."""
 
-    from cnnctl.training.models import ResNetMini
+    def __init__(self, channel: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channel, channel, kernel_size=3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channel, channel, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        y = self.conv2(y)
+        return F.relu(x + y)
+
+
+class SeedNet(torch.nn.Module):
+    """002_3b448b9890e3532f.txt ``Net``, as written: relu then max-pool, log_softmax inside, the
+    unused ``conv2_drop`` declared (it has no parameters and is never called)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 16, kernel_size=5)
+        self.conv2 = torch.nn.Conv2d(16, 32, kernel_size=5)
+        self.res_block_1 = SeedResidualBlock(16)
+        self.res_block_2 = SeedResidualBlock(32)
+        self.conv2_drop = torch.nn.Dropout2d()
+        self.fc1 = torch.nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_size = x.size(0)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = self.res_block_1(x)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.res_block_2(x)
+        x = x.view(in_size, -1)
+        x = self.fc1(x)
+        return F.log_softmax(x, dim=1)
+
+
+class ZooNet(torch.nn.Module):
+    """cnnctl's resnet-mini (max-pool before relu: the same outputs, less work) with the seed's
+    log_softmax on top, for the seed loop's record row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from cnnctl.training.models import ResNetMini
+
+        self.net = ResNetMini()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.net(x), dim=1)
+
+
+def seed_loop(data_dir: str, max_epochs: int) -> dict:
+    """002_3b448b9890e3532f.txt as written (its ``Net``, log_softmax + nll_loss, per-item
+    ToTensor + Normalize through a DataLoader, SGD lr 0.01 momentum 0.5, batch 64, test after
+    each epoch), stopping once it first reaches 99.0%."""
+    from torchvision import datasets, transforms
 
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(1)  # the seed script's --seed default
@@ -64,7 +116,7 @@ def seed_loop(data_dir: str, max_epochs: int) -> dict:
     test_set = datasets.MNIST(root=data_dir, train=False, transform=transform, download=False)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000, shuffle=False)
-    model = ResNetMini()
+    model = SeedNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
     epochs, reached_at, train_s, trained = [], None, 0.0, 0
     for epoch in range(1, max_epochs + 1):
@@ -72,7 +124,7 @@ def seed_loop(data_dir: str, max_epochs: int) -> dict:
         model.train()
         for data, target in train_loader:
             optimizer.zero_grad()
-            loss = F.nll_loss(F.log_softmax(model(data), dim=1), target)
+            loss = F.nll_loss(model(data), target)
             loss.backward()
             optimizer.step()
             trained += len(target)
@@ -154,15 +206,23 @@ def _children_cpu() -> float:
 
 
 def seed_steps(data_dir: str, steps: int) -> float:
-    """Images/s of ``steps`` training steps of seed 002's loop (DataLoader + per-item transforms)."""
-    from torchvision import datasets, transforms
+    """Images/s of ``steps`` training steps of seed 002's loop (DataLoader + per-item transforms,
+    its own ``Net``)."""
+    return _seed_steps(data_dir, steps, SeedNet())
 
-    from cnnctl.training.models import ResNetMini
+
+def seed_zoo_steps(data_dir: str, steps: int) -> float:
+    """The same loop on cnnctl's resnet-mini (for the record: what the net's pool-first order
+    alone gives the seed's loop)."""
+    return _seed_steps(data_dir, steps, ZooNet())
+
+
+def _seed_steps(data_dir: str, steps: int, model: torch.nn.Module) -> float:
+    from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     train_set = datasets.MNIST(root=data_dir, train=True, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
-    model = ResNetMini()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
     model.train()
     t0, seen = time.perf_counter(), 0
@@ -170,7 +230,7 @@ def seed_steps(data_dir: str, steps: int) -> float:
         if step == steps:
             break
         optimizer.zero_grad()
-        F.nll_loss(F.log_softmax(model(data), dim=1), target).backward()
+        F.nll_loss(model(data), target).backward()
         optimizer.step()
         seen += len(target)
     return seen / (time.perf_counter() - t0)
@@ -178,7 +238,17 @@ def seed_steps(data_dir: str, steps: int) -> float:
 
 def cnnctl_steps(data_dir: str, steps: int) -> float:
     """cnnctl's loop with seed 002's optimizer and batch size: the same net, same batch, so the
-    images/s difference is the data path (one uint8 tensor, per-batch normalisation) + layout."""
+    images/s difference is the data path (one uint8 tensor, per-batch normalisation), layout,
+    pool-first order and the batch split across the cores."""
+    return _cnnctl_steps(data_dir, steps, None)
+
+
+def cnnctl_unsplit_steps(data_dir: str, steps: int) -> float:
+    """The same with --no-cpu-split (for the record: what the split adds)."""
+    return _cnnctl_steps(data_dir, steps, False)
+
+
+def _cnnctl_steps(data_dir: str, steps: int, cpu_split: bool | None) -> float:
     from cnnctl.training.config import from_flags
     from cnnctl.training.loop import train
 
@@ -186,7 +256,7 @@ def cnnctl_steps(data_dir: str, steps: int) -> float:
         config = from_flags("resnet-mini", dataset="mnist", data_dir=data_dir, out=out,
                             progress=False, plot=False, batch_size=64, lr=0.01, momentum=0.5,
                             nesterov=False, weight_decay=0.0, schedule="none", epochs=1,
-                            max_steps_per_epoch=steps)
+                            max_steps_per_epoch=steps, cpu_split=cpu_split)
         return train(config).history[0].images_per_s
 
 
@@ -208,15 +278,20 @@ def batch64(data_dir: str, steps: int, rounds: int) -> dict:
     process of its own."""
     import statistics
 
-    seed, ours = [], []
+    sides = {"seed": "seed_steps", "cnnctl": "cnnctl_steps", "seed_zoo_net": "seed_zoo_steps",
+             "cnnctl_unsplit": "cnnctl_unsplit_steps"}
+    got: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
-        seed.append(_in_own_process("seed_steps", data_dir, steps))
-        ours.append(_in_own_process("cnnctl_steps", data_dir, steps))
-        print(f"  batch 64: seed {seed[-1]:.0f} img/s, cnnctl {ours[-1]:.0f} img/s", flush=True)
-    return {"steps": steps, "rounds": rounds, "seed_images_per_s": [round(v) for v in seed],
-            "cnnctl_images_per_s": [round(v) for v in ours],
-            "seed_median": statistics.median(seed), "cnnctl_median": statistics.median(ours),
-            "images_per_s": statistics.median(ours)}
+        for side, function in sides.items():
+            got[side].append(_in_own_process(function, data_dir, steps))
+        print("  batch 64: " + ", ".join(f"{side} {v[-1]:.0f}" for side, v in got.items())
+              + " img/s", flush=True)
+    out: dict = {"steps": steps, "rounds": rounds}
+    for side, values in got.items():
+        out[f"{side}_images_per_s"] = [round(v) for v in values]
+        out[f"{side}_median"] = statistics.median(values)
+    out["images_per_s"] = out["cnnctl_median"]
+    return out
 
 
 def cnnctl_ddp(data_dir: str, nproc: int) -> dict:
@@ -332,6 +407,10 @@ def markdown(r: dict) -> str:
         f"{b64['steps']} steps | – | – | – | {b64['seed_median']:.0f} |",
         f"| cnnctl loop, seed 002's net and optimizer at batch 64, same rounds | – | – | – | "
         f"{b64['cnnctl_median']:.0f} |",
+        f"| for the record: seed 002's loop on cnnctl's pool-first net | – | – | – | "
+        f"{b64['seed_zoo_net_median']:.0f} |",
+        f"| for the record: cnnctl loop, `--no-cpu-split` | – | – | – | "
+        f"{b64['cnnctl_unsplit_median']:.0f} |",
     ]
     if "cnnctl_ddp" in r and "error" not in r["cnnctl_ddp"]:
         d = r["cnnctl_ddp"]
