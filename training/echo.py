@@ -23,7 +23,9 @@ def echo_callbacks() -> Callbacks:
             f"training {cfg.model} on {cfg.dataset}: {info['train']} train / {info['val']} val "
             f"images, {info['classes']} classes; {cfg.epochs} epochs × {info['steps_per_epoch']} "
             f"steps of {cfg.batch_size}; {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}; "
-            f"amp {info['amp']}, channels_last {'on' if info['channels_last'] else 'off'}")
+            f"amp {info['amp']}, channels_last {'on' if info['channels_last'] else 'off'}"
+            + (f", batch split {info['cpu_split']} ways across the cores"
+               if info.get("cpu_split", 1) > 1 else ""))
         if info["start_epoch"] > cfg.epochs:
             click.echo(f"{info['run_dir']} has finished its {cfg.epochs} epochs: nothing to train")
         elif info["start_epoch"] > 1 or info["start_step"]:

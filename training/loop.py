@@ -10,8 +10,8 @@ each rank takes its own shard of a permutation drawn per epoch from the seed, me
 across ranks, and only rank 0 writes files or prints.
 
 Beside it, one job per module: device.py (device, ranks, precision), data.py (datasets and the batch
-sources), evaluate.py, checkpoint.py (the one format), rundir.py (config.json, metrics.csv,
-curves.png, TensorBoard).
+sources), split.py (a CPU step's batch as one slice per core), evaluate.py, checkpoint.py (the one
+format), rundir.py (config.json, metrics.csv, curves.png, TensorBoard).
 """
 
 from __future__ import annotations

@@ -74,6 +74,8 @@ def test_text_evaluate_prints_per_class(tmp_path: Path) -> None:
     (["train", "--model", "lenet5", "--dataset", "cifar10", "--data-dir", "/nonexistent"],
      "error: model lenet5 expects 1×32×32 input; dataset cifar10 gives 3×32×32"),
     (["train", "--dataset", "imagenet"], "error: unknown dataset 'imagenet'; known: mnist-sample"),
+    (["train", "--cpu-split", "--batch-size", "16"],  # one core or a small batch: says which
+     "error: --cpu-split: "),
     (["train", "--nproc", "2", "--batch-size", "3"],  # before torchrun starts: one line, no run dir
      "error: --batch-size 3 (global) must be divisible by --nproc 2"),
     (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--device", "x"],
