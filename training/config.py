@@ -106,7 +106,8 @@ RANGES: dict[str, Range] = {
 }
 
 # What a resumed run may change: how it runs, never what it computes.
-RESUMABLE = ("device", "progress", "tensorboard", "plot", "workers", "checkpoint_every_steps")
+RESUMABLE = ("device", "progress", "tensorboard", "plot", "workers", "checkpoint_every_steps",
+             "cpu_split")
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = _build_model(config, inputs, where.device, precision, start_weights=saved is None)
+    split = plan_split(config.cpu_split, device=where.device, world=where.world,
+                       threads=torch.get_num_threads(), batch=local_batch, model=model,
+                       amp=precision.amp, compiled=config.compile)
     train_src = make_source(train_data, where.device, config.workers)
     val_src = make_source(val_data, where.device, config.workers)
     steps = train_src.steps(local_batch, where.world)
@@ -191,9 +194,6 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
         config = _at_least_min_steps(config, steps)
     opt = _Optimization(config, model, steps, precision, where.device,
                         schedule_epochs=config.epochs - schedule_start)
-    split = plan_split(config.cpu_split, device=where.device, world=where.world,
-                       threads=torch.get_num_threads(), batch=local_batch, model=model,
-                       amp=precision.amp, compiled=config.compile)
     setup = _Setup(config, where, precision, inputs, local_batch, steps, len(train_data),
                    len(val_data), split)
 

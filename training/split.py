@@ -13,8 +13,10 @@ rounding (the sums run in another order). That holds only for a model whose slic
 each other: BatchNorm's batch statistics would be per slice and its running statistics updated
 from two threads at once, and dropout would draw its masks from one generator in whichever order
 the threads came; such models train unsplit (``plan_split`` says why). Fixed slices, a fixed
-order of summing, and one thread per slice keep a run reproducible: a resumed run ends where an
-uninterrupted one does.
+order of summing, and a fixed thread count per slice keep a run reproducible: resumed on the same
+machine, a run ends where an uninterrupted one does. (On another core count the slices, like the
+intra-op threads of an unsplit run, sum in another order; ``--no-cpu-split`` and ``--cpu-split``
+may be given again on resume: how a run computes, not what.)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def plan_split(requested: bool | None, *, device: torch.device, world: int, thre
     """Whether, and how many ways, to split: ``requested`` None decides by itself (split where it
     is exact and there are cores to use), True insists (a UsageError saying why it cannot), False
     keeps the batch whole."""
-    slices = min(threads, batch // MIN_SLICE)
+    slices = _slices(threads, batch)
     why = _why_not(device, world, threads, batch, model, amp, compiled)
     if requested is False:
         return SplitPlan(1, threads, "--no-cpu-split")
@@ -61,6 +63,13 @@ def plan_split(requested: bool | None, *, device: torch.device, world: int, thre
             raise UsageError(f"--cpu-split: {why}")
         return SplitPlan(1, threads, why)
     return SplitPlan(slices, max(1, threads // slices))
+
+
+def _slices(threads: int, batch: int) -> int:
+    """As many slices as the batch allows that divide the cores evenly (6 cores, batch 64: 3
+    slices of 2 threads, not 4 of 1 with 2 cores idle)."""
+    most = max(1, min(threads, batch // MIN_SLICE))
+    return max(k for k in range(1, most + 1) if threads % k == 0)
 
 
 def _why_not(device: torch.device, world: int, threads: int, batch: int, model: nn.Module,
@@ -73,6 +82,9 @@ def _why_not(device: torch.device, world: int, threads: int, batch: int, model: 
         return "one core: nothing to split across"
     if batch < 2 * MIN_SLICE:
         return f"batch {batch} is under {2 * MIN_SLICE} ({MIN_SLICE} images per slice at least)"
+    if _slices(threads, batch) == 1:
+        return (f"batch {batch} does not cut into slices of {MIN_SLICE}+ images that share the "
+                f"{threads} cores evenly")
     unsafe = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _SLICE_UNSAFE)})
     if unsafe:
         return (f"{', '.join(unsafe)} would see per-slice batches or draw masks out of order; "

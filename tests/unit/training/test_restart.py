@@ -19,6 +19,7 @@ import torch
 from cnnctl.errors import UsageError
 from cnnctl.training.checkpoint import load_checkpoint
 from cnnctl.training.config import TrainConfig, from_flags
+from cnnctl.training.device import cpu_count
 from cnnctl.training.loop import train
 
 # resnet-mini (the default model) on the embedded sample: 2 epochs of 12 steps, a checkpoint every
@@ -60,6 +61,33 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
+
+
+# The same with each step's batch split across 2 cores (training/split.py): 2 slices of 16.
+TRAIN_SPLIT = [("32" if a == "16" else a) for a in TRAIN] + ["--cpu-split"]
+
+
+@pytest.mark.skipif(cpu_count() < 2, reason="needs 2 cores to split a batch across")
+def test_killed_split_run_restarted_ends_equal(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    done = subprocess.run(TRAIN_SPLIT + ["--out", str(full)], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batch split 2 ways" in done.stdout
+    out = tmp_path / "run"
+    proc = subprocess.Popen(TRAIN_SPLIT + ["--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _wait_for(out / "last.pt", proc)  # mid-epoch, as above
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    again = subprocess.run(TRAIN_SPLIT + ["--out", str(out)], capture_output=True, text=True,
+                           env=_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming at epoch" in again.stdout
+    _assert_same_run(full, out)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

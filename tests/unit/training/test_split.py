@@ -31,6 +31,8 @@ def test_plan_splits_where_exact() -> None:
     assert _plan() == SplitPlan(2, 1)
     assert _plan(threads=8, batch=64) == SplitPlan(4, 2)  # at least 16 images a slice
     assert _plan(threads=8, batch=256) == SplitPlan(8, 1)
+    assert _plan(threads=6, batch=64) == SplitPlan(3, 2)  # the cores divided evenly, none idle
+    assert _plan(threads=3, batch=32).slices == 1  # 2 slices would leave a core idle
 
 
 @pytest.mark.parametrize("over, why", [
@@ -39,6 +41,7 @@ def test_plan_splits_where_exact() -> None:
     (dict(world=2), "2 processes"),
     (dict(threads=1), "one core"),
     (dict(batch=31), "batch 31"),
+    (dict(threads=3, batch=32), "share the 3 cores evenly"),
     (dict(amp=True), "--amp"),
     (dict(compiled=True), "--compile"),
 ])
@@ -98,7 +101,8 @@ def test_training_split_and_whole_agree(tmp_path: Path) -> None:
     whole = train(from_flags("resnet-mini", out=str(tmp_path / "whole"), cpu_split=False,
                              **common))
     resolved = json.loads((tmp_path / "split" / "config.json").read_text())["resolved"]
-    assert resolved["cpu_split"] == min(cpu_count(), 4)
+    assert resolved["cpu_split"] == max(k for k in range(1, min(cpu_count(), 4) + 1)
+                                        if cpu_count() % k == 0)
     assert json.loads((tmp_path / "whole" / "config.json").read_text())[
         "resolved"]["cpu_split_why_not"] == "--no-cpu-split"
     # Not the same weights to float rounding after 20 steps: on real digits the uniform
