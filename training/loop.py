@@ -261,8 +261,9 @@ def train(config: TrainConfig, callbacks: Callbacks | None = None,
                     wait_for_all_ranks(where.world)  # no rank leaves before last.pt is written
                     raise Preempted(last_path, epoch, done)
 
-            train_loss, train_acc, images, train_s = _train_epoch(
-                train_model, train_src, opt, epoch, setup, position, between_steps, splitter)
+            with splitter.stepping() if splitter is not None else contextlib.nullcontext():
+                train_loss, train_acc, images, train_s = _train_epoch(
+                    train_model, train_src, opt, epoch, setup, position, between_steps, splitter)
             position = None
             lr = opt.end_epoch()
             val = evaluate(model, val_src, inputs.mean, inputs.std, where.device, eval_batch,
@@ -631,15 +632,8 @@ def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: in
     """One pass over this rank's shard, from ``position`` when resuming mid-epoch; returns (loss,
     accuracy, images) summed over all ranks, and the seconds it took. ``between_steps(done,
     state)`` runs after each step (``state()`` makes the position to save there). With a
-    ``splitter`` each step's batch runs as slices at once (split.py)."""
-    with splitter.stepping() if splitter is not None else contextlib.nullcontext():
-        return _run_epoch(model, source, opt, epoch, setup, position, between_steps, splitter)
-
-
-def _run_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: int,
-               setup: _Setup, position: dict[str, Any] | None,
-               between_steps: Callable[[int, Callable[[], dict[str, Any]]], None],
-               splitter: BatchSplit | None) -> tuple[float, float, float, float]:
+    ``splitter`` each step's batch runs as slices at once (split.py; the caller holds
+    ``splitter.stepping()`` around the epoch)."""
     config, where, inputs, precision = setup.config, setup.where, setup.inputs, setup.precision
     start = time.perf_counter()
     model.train()

@@ -54,15 +54,15 @@ def plan_split(requested: bool | None, *, device: torch.device, world: int, thre
     """Whether, and how many ways, to split: ``requested`` None decides by itself (split where it
     is exact and there are cores to use), True insists (a UsageError saying why it cannot), False
     keeps the batch whole."""
-    slices = _slices(threads, batch)
-    why = _why_not(device, world, threads, batch, model, amp, compiled)
     if requested is False:
         return SplitPlan(1, threads, "--no-cpu-split")
+    why = _why_not(device, world, threads, batch, model, amp, compiled)
     if why:
         if requested:
             raise UsageError(f"--cpu-split: {why}")
         return SplitPlan(1, threads, why)
-    return SplitPlan(slices, max(1, threads // slices))
+    slices = _slices(threads, batch)
+    return SplitPlan(slices, threads // slices)  # slices divides threads
 
 
 def _slices(threads: int, batch: int) -> int:
@@ -147,10 +147,7 @@ class BatchSplit:
         for p, g in zip(self.params, grads):
             p.grad = g
         logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
-        loss = results[0][1]
-        for r in results[1:]:
-            loss = loss + r[1]
-        return logits, loss
+        return logits, sum((r[1] for r in results[1:]), results[0][1])
 
     def _slice(self, x: torch.Tensor, labels: torch.Tensor, n: int, label_smoothing: float
                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
