@@ -17,6 +17,7 @@ format), rundir.py (config.json, metrics.csv, curves.png, TensorBoard).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -546,13 +547,17 @@ class _Optimization:
 
 
 def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    # The fused step (one kernel per tensor, not a handful of ops each) where torch has it: on
+    # the 2-core CPU resnet-mini's Nesterov SGD step takes 75 µs instead of 273.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                nesterov=config.nesterov and config.momentum > 0,
-                               weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def _make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps: int,
@@ -650,6 +655,8 @@ def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: in
         correct.fill_(position["correct"])
         seen, first, earlier_s = position["seen"], position["step"], position["train_s"]
     steps = setup.steps
+    prepare = functools.partial(prepare_batch, mean=inputs.mean, std=inputs.std, size=inputs.size,
+                                channels_last=precision.channels_last)
     bar = _progress(steps, first, f"epoch {epoch}/{config.epochs}",
                     config.progress and where.is_main)
     batches = source.batches(config.seed, epoch, setup.local_batch, where.rank, where.world, steps,
@@ -658,12 +665,12 @@ def _train_epoch(model: nn.Module, source: Source, opt: _Optimization, epoch: in
         if config.augment != "none":
             images = crop_flip(images, config.crop_padding, aug_gen,
                                flip=config.augment == "crop-flip")
-        x = prepare_batch(images, inputs.mean, inputs.std, inputs.size,
-                          channels_last=precision.channels_last)
         if splitter is not None:
-            logits, loss = splitter.backward(x, labels, config.label_smoothing)
+            # Each slice normalises its own images, on its own thread.
+            logits, loss = splitter.backward(images, labels, config.label_smoothing, prepare)
             opt.step_on_grads()
         else:
+            x = prepare(images)
             with autocast(where.device, precision.dtype):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), labels,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -128,16 +128,19 @@ class BatchSplit:
         finally:
             torch.set_num_threads(before)
 
-    def backward(self, x: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+    def backward(self, x: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Set each parameter's ``.grad`` to the whole batch's mean-loss gradient; return the
-        batch's logits and mean loss (detached), as one unsplit step would have them."""
+        batch's logits and mean loss (detached), as one unsplit step would have them.
+        ``prepare`` (per-element, e.g. uint8 images to the model's normalised input) runs on each
+        slice in its own thread."""
         n = labels.shape[0]
         xs, ys = x.tensor_split(self.plan.slices), labels.tensor_split(self.plan.slices)
         parts = [(xi, yi) for xi, yi in zip(xs, ys) if yi.shape[0]]
-        futures = [self._pool.submit(self._slice, xi, yi, n, label_smoothing)
+        futures = [self._pool.submit(self._slice, xi, yi, n, label_smoothing, prepare)
                    for xi, yi in parts[1:]]
-        results = [self._slice(*parts[0], n, label_smoothing)]
+        results = [self._slice(*parts[0], n, label_smoothing, prepare)]
         results += [f.result() for f in futures]
         grads = list(results[0][2])
         for _, _, more in results[1:]:  # in slice order: the same sums every run
@@ -149,9 +152,10 @@ class BatchSplit:
         logits = torch.cat([r[0] for r in results]) if len(results) > 1 else results[0][0]
         return logits, sum((r[1] for r in results[1:]), results[0][1])
 
-    def _slice(self, x: torch.Tensor, labels: torch.Tensor, n: int, label_smoothing: float
+    def _slice(self, x: torch.Tensor, labels: torch.Tensor, n: int, label_smoothing: float,
+               prepare: Callable[[torch.Tensor], torch.Tensor] | None
                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
-        logits = self.model(x)
+        logits = self.model(prepare(x) if prepare is not None else x)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum",
                                label_smoothing=label_smoothing) / n
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
